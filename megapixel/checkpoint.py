@@ -1,0 +1,215 @@
+"""Checkpoints on disk: finding them, loading a model for evaluation, and megapixel's own training state.
+
+A run keeps DeepSpeed's layout: RUN_DIR/checkpoints/step_0000500/ holds the engine's files, and
+RUN_DIR/checkpoints/latest names the newest complete tag (DeepSpeed writes it after the tag).
+Everything here reads with `torch.load(weights_only=True)`: loading a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megapixel.config import Config, from_dict, load
+from megapixel.errors import CheckpointError, MegapixelError
+from megapixel.model import IGPT
+
+TAG_PREFIX = "step_"
+# The engine's wrapper (train.LossModule) holds the IGPT under this attribute name.
+MODULE_PREFIX = "model."
+# ZeRO 0-2 write the full module into the first file; ZeRO-3 writes one partitioned file per rank.
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
+def tag_name(step: int) -> str:
+    """The checkpoint folder name for `step`: step_0000500."""
+    return f"{TAG_PREFIX}{step:07d}"
+
+
+def tag_step(tag: Path) -> int | None:
+    """The step a tag folder's name encodes, or None for other names."""
+    suffix = tag.name.removeprefix(TAG_PREFIX)
+    return int(suffix) if tag.name.startswith(TAG_PREFIX) and suffix.isdigit() else None
+
+
+def list_tags(checkpoints: Path) -> list[Path]:
+    """The step_* folders under `checkpoints`, oldest step first (complete or not)."""
+    if not checkpoints.is_dir():
+        return []
+    tags = [p for p in checkpoints.iterdir() if p.is_dir() and tag_step(p) is not None]
+    return sorted(tags, key=tag_step)
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether RUN_DIR/checkpoints holds any checkpoint (or the start of one)."""
+    checkpoints = run_dir / "checkpoints"
+    return (checkpoints / "latest").exists() or bool(list_tags(checkpoints))
+
+
+def _is_tag(path: Path) -> bool:
+    return (path / MODEL_STATES).is_file() or (path / ZERO3_MODEL_STATES).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The tag folder that `path` means: a run folder or its checkpoints/ folder (-> latest), a tag folder, or a
+    file inside one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: no such file or folder")
+    if path.is_file() and _is_tag(path.parent):
+        return path.parent
+    if path.is_dir() and _is_tag(path):
+        return path
+    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = checkpoints / "latest"
+    if not latest.is_file():
+        raise CheckpointError(
+            f"no checkpoint in {path}: expected a run folder, its checkpoints/ folder or a step_* folder "
+            "(a run that never finished its first save has none)"
+        )
+    tag = checkpoints / latest.read_text().strip()
+    if not _is_tag(tag):
+        raise CheckpointError(f"{latest} names {tag.name}, which is missing or incomplete: pass a step_* folder")
+    return tag
+
+
+def _model_states_file(tag: Path) -> Path:
+    return tag / MODEL_STATES if (tag / MODEL_STATES).is_file() else tag / ZERO3_MODEL_STATES
+
+
+def read_client_state(tag: Path) -> dict[str, Any]:
+    """The saved engine record of a tag folder: DeepSpeed's keys plus the client state megapixel stored."""
+    path = _model_states_file(tag)
+    try:
+        # mmap: only what is touched is read, so looking up the step or config of a large model is cheap.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def _zero3_weights(tag: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights gathered from a ZeRO-3 checkpoint's per-rank partitions."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # DeepSpeed's reader unpickles without restriction; first prove that every file holds only tensors,
+    # plain values and these two inert DeepSpeed records, so that reading cannot run code.
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        for path in sorted(tag.glob("*.pt")):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises several types for foreign or malformed files
+                raise CheckpointError(f"refusing to read {path}: {str(e).splitlines()[0]}") from None
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    return {name: t.detach() for name, t in state.items()}
+
+
+def read_model_weights(tag: Path) -> dict[str, torch.Tensor]:
+    """The IGPT state dict stored in a tag folder, with names as a bare IGPT has them."""
+    if (tag / MODEL_STATES).is_file():
+        module = read_client_state(tag).get("module")
+        if not module:
+            raise CheckpointError(f"{tag / MODEL_STATES} holds no module weights")
+    else:
+        module = _zero3_weights(tag)
+    return {name.removeprefix(MODULE_PREFIX): t for name, t in module.items()}
+
+
+def _load_weights(model: IGPT, weights: dict[str, torch.Tensor], tag: Path) -> None:
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if name not in expected:
+            raise CheckpointError(f"{tag} holds {name}, which the model does not have: the config does not match it")
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{tag}: {name} has shape {tuple(tensor.shape)} but the model wants {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise CheckpointError(f"{tag} lacks {missing[0]}: the config does not match it")
+    model.load_state_dict(weights)
+
+
+def _config_of(tag: Path, state: dict[str, Any]) -> Config:
+    if "config" in state:
+        return from_dict(state["config"], where=f"{tag} config")
+    run_config = tag.parent.parent / "config.yaml"
+    if run_config.is_file():
+        return load(run_config)
+    raise CheckpointError(f"{tag} stores no config and {run_config} does not exist: the model cannot be rebuilt")
+
+
+def _palette_of(tag: Path, cfg: Config, saved_hash: str | None) -> np.ndarray:
+    # Imported here: the palette module pulls in scikit-learn, which only this function needs.
+    from megapixel.palette import load_palette, palette_hash
+
+    candidates = [tag.parent.parent / "palette.npy"]
+    if cfg.data.shards:
+        candidates.append(Path(cfg.data.shards) / "palette.npy")
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            palette = load_palette(path)
+        except MegapixelError:
+            continue
+        if saved_hash is None or palette_hash(palette) == saved_hash:
+            return palette
+    raise CheckpointError(
+        f"no palette for {tag}: expected the run's palette.npy ({candidates[0]}) matching the one it was trained with"
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IGPT, Config, np.ndarray]:
+    """The model of a checkpoint (run folder, checkpoints/ folder or tag), in eval mode, with its config and palette."""
+    tag = resolve_checkpoint(path)
+    state = read_client_state(tag)
+    cfg = _config_of(tag, state)
+    model = IGPT(cfg.model)
+    _load_weights(model, read_model_weights(tag), tag)
+    palette = _palette_of(tag, cfg, state.get("palette_hash"))
+    return model.to(device).eval(), cfg, palette
+
+
+def prune_checkpoints(checkpoints: Path, keep_last: int, current_step: int) -> None:
+    """Delete all but the newest `keep_last` tags up to `current_step` (tags past it are left alone)."""
+    done = [t for t in list_tags(checkpoints) if tag_step(t) <= current_step]
+    for tag in done[:-keep_last]:
+        shutil.rmtree(tag)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states (torch, numpy, python, cuda) as tensors and plain values."""
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
