@@ -1,0 +1,188 @@
+"""The `megapixel` command: thin argument parsing over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from megapixel.errors import MegapixelError
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated block numbers, got {text!r}") from None
+
+
+def _per_class(text: str) -> list[int | None]:
+    out: list[int | None] = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in ("all", "full"):
+            out.append(None)
+        elif item.isdigit() and int(item) > 0:
+            out.append(int(item))
+        else:
+            raise argparse.ArgumentTypeError(f"--per-class takes 'all' or positive counts like all,10, got {text!r}")
+    return out
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from megapixel.config import load
+    from megapixel.info import describe
+
+    print(describe(load(args.config, args.overrides), args.config))
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from megapixel.data.shards import write_shards
+    from megapixel.data.sources import open_source
+    from megapixel.palette import load_palette
+
+    palette = load_palette(args.palette) if args.palette else None
+    source = open_source(args.source)
+    manifest = write_shards(
+        source,
+        args.out,
+        n_px=args.n_px,
+        palette=palette,
+        k=args.palette_size,
+        val_fraction=args.val_fraction,
+        samples_per_shard=args.shard_size,
+        seed=args.seed,
+    )
+    splits = ", ".join(f"{name} {info['count']:,}" for name, info in manifest["splits"].items())
+    print(f"wrote {args.out}: {splits} images at {args.n_px}x{args.n_px}, {manifest['n_vocab']}-colour palette")
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} unreadable files (listed in {Path(args.out) / 'manifest.json'})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from megapixel.config import load
+    from megapixel.train import train
+
+    summary = train(load(args.config, args.overrides), resume=args.resume)
+    if summary.get("rank", 0) == 0:
+        print(f"trained {summary['steps']} steps: run in {summary['run_dir']}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from megapixel.sample import sample_command
+
+    path = sample_command(
+        args.checkpoint,
+        out=args.out,
+        n=args.n,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        shards=args.shards,
+        n_completions=args.completions,
+        device=_device(args.device),
+    )
+    print(f"samples: {path}")
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    from megapixel.probe import probe_command
+
+    report = probe_command(
+        args.checkpoint,
+        layers=args.layers,
+        shards=args.shards,
+        out=args.out,
+        per_class=args.per_class,
+        device=_device(args.device),
+    )
+    print(report.to_markdown())
+    if args.out:
+        print(f"report: {Path(args.out) / 'probe.md'}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from megapixel.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per job."""
+    parser = argparse.ArgumentParser(prog="megapixel", description="Train Image GPT from a laptop to a cluster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="fit a palette, shard, train, sample and probe on the built-in digits")
+    p.add_argument("--out", default="demo", help="folder for everything the demo writes (default: ./demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's, ~5 min on 2 cores)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="print a preset's or config's architecture and parameter count")
+    p.add_argument("config", help="a preset (tiny, s, m, l, xl; optionally -32/-48/-64) or a YAML config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("shards", help="palette-encode images into webdataset shards")
+    p.add_argument("source", help="'digits' (built in), a folder of images, or an .npy array")
+    p.add_argument("out", help="new folder for the shard set")
+    p.add_argument("--n-px", type=int, default=32, help="resolution of the stored images (default 32)")
+    p.add_argument("--palette", help="an existing palette .npy (k x 3 in [-1, 1]); default: fit one")
+    p.add_argument("--palette-size", type=int, default=512, help="colours when fitting a palette (default 512)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out (default 0.1)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("train", help="train from a preset or YAML config")
+    p.add_argument("config", help="a YAML config (recipes/*.yaml) or a preset name")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-3")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images and completions from a checkpoint")
+    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
+    p.add_argument("--n", type=int, default=16, help="unconditional samples (default 16)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", help="shard set whose val images are completed (default: the run's)")
+    p.add_argument("--completions", type=int, default=8, help="held-out images to complete (default 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("probe", help="linear probe of a checkpoint's features vs raw pixels")
+    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("--layers", type=_layers, default=None, help="blocks to concatenate, e.g. 1,2 (default: middle)")
+    p.add_argument("--shards", help="labelled shard set (default: the run's)")
+    p.add_argument("--per-class", type=_per_class, default=[None, 10], help="labellings, e.g. all,10 (default)")
+    p.add_argument("--out", help="folder for probe.md and probe.json")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.set_defaults(func=cmd_probe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; user mistakes print one line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MegapixelError as e:
+        print(f"megapixel: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("megapixel: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
