@@ -1,0 +1,1 @@
+"""Fused Triton kernels (attention, norms), each beside the plain-torch reference it is tested against."""
