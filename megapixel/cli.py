@@ -60,6 +60,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         samples_per_shard=args.shard_size,
         seed=args.seed,
+        workers=args.workers,
+        train_crops=args.train_crops,
     )
     splits = ", ".join(f"{name} {info['count']:,}" for name, info in manifest["splits"].items())
     print(f"wrote {args.out}: {splits} images at {args.n_px}x{args.n_px}, {manifest['n_vocab']}-colour palette")
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("shards", help="palette-encode images into webdataset shards")
-    p.add_argument("source", help="'digits' (built in), a folder of images, or an .npy array")
+    p.add_argument("source", help="'digits', an image folder, ImageNet val, CIFAR python, .npy, or .tar (docs/data.md)")
     p.add_argument("out", help="new folder for the shard set")
     p.add_argument("--n-px", type=int, default=32, help="resolution of the stored images (default 32)")
     p.add_argument("--palette", help="an existing palette .npy (k x 3 in [-1, 1]); default: fit one")
@@ -139,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out (default 0.1)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
+    p.add_argument(
+        "--train-crops", type=int, default=0, help="store K of the paper's random crops per train image (0: centre)"
+    )
     p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("train", help="train from a preset or YAML config")

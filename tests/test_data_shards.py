@@ -1,13 +1,15 @@
 """Writing shard sets (tokens, labels, palette, manifest) and checking them when read."""
 
 import hashlib
+import io
 import json
 import tarfile
+from itertools import islice
 
 import numpy as np
 import pytest
 
-from megapixel.data.shards import read_manifest, write_shards
+from megapixel.data.shards import open_shard, read_manifest, verify_shards, write_shards
 from megapixel.data.sources import open_source, resize_image
 from megapixel.errors import DataError
 from megapixel.palette import encode_pixels, load_palette, palette_hash, save_palette
@@ -25,14 +27,10 @@ def make_npy_source(folder, n: int, size: int = 6, labelled: bool = True, grey_l
     return open_source(str(folder / "images.npy")), images
 
 
-def read_tar(path) -> dict[str, dict[str, bytes]]:
-    """{key: {extension: bytes}} in the order the shard holds them."""
-    samples: dict[str, dict[str, bytes]] = {}
+def read_tar(path) -> dict[str, bytes]:
+    """{member name: bytes} of a shard."""
     with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
 def test_shards_hold_the_encoded_images_and_labels_and_the_manifest_describes_them(tmp_path):
@@ -41,7 +39,7 @@ def test_shards_hold_the_encoded_images_and_labels_and_the_manifest_describes_th
     out = tmp_path / "shards"
     manifest = write_shards(source, out, n_px=4, k=8, val_fraction=0.1, samples_per_shard=5, seed=1, progress=False)
 
-    assert manifest["format"] == "megapixel-shards" and manifest["version"] == 1
+    assert manifest["format"] == "megapixel-shards" and manifest["version"] == 2
     assert (manifest["n_px"], manifest["n_vocab"], manifest["seed"]) == (4, 8, 1)
     assert manifest["label_names"] == ["0", "1", "2"] and manifest["skipped"] == []
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
@@ -59,16 +57,18 @@ def test_shards_hold_the_encoded_images_and_labels_and_the_manifest_describes_th
     for split in (train, val):
         for shard in split["shards"]:
             assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
-            samples = read_tar(out / shard["name"])
-            assert len(samples) == shard["count"]
-            for key, sample in samples.items():
-                index = int(key)
-                tokens = np.frombuffer(sample["tok"], dtype="<u2").reshape(4, 4)
-                np.testing.assert_array_equal(tokens, encode_pixels(resize_image(images[index], 4), palette))
-                assert int(sample["cls"].decode("ascii")) == labels[index]
-                seen.append(index)
+            members = read_tar(out / shard["name"])
+            assert sorted(members) == ["samples.cls", "samples.keys", "samples.tok"]
+            keys = [int(k) for k in json.loads(members["samples.keys"])]
+            tokens = np.frombuffer(members["samples.tok"], dtype="<u2").reshape(-1, 4, 4)
+            assert len(keys) == len(tokens) == shard["count"]
+            np.testing.assert_array_equal(
+                tokens, encode_pixels(np.stack([resize_image(images[i], 4) for i in keys]), palette)
+            )
+            np.testing.assert_array_equal(np.frombuffer(members["samples.cls"], dtype="<i4"), labels[keys])
+            seen += keys
     assert sorted(seen) == list(range(23))
-    train_keys = [int(k) for s in train["shards"] for k in read_tar(out / s["name"])]
+    train_keys = [int(k) for s in train["shards"] for k in json.loads(read_tar(out / s["name"])["samples.keys"])]
     assert train_keys != sorted(train_keys)  # training shards are mixed
 
 
@@ -79,8 +79,7 @@ def test_a_given_palette_is_used_as_is_and_unlabelled_sources_write_no_labels(tm
     np.testing.assert_array_equal(np.load(tmp_path / "s" / "palette.npy"), palette)
     assert manifest["n_vocab"] == 40 and manifest["label_names"] == []
     assert manifest["splits"]["val"] == {"shards": [], "count": 0}
-    samples = read_tar(tmp_path / "s" / "train-000000.tar")
-    assert all(set(sample) == {"tok"} for sample in samples.values())
+    assert sorted(read_tar(tmp_path / "s" / "train-000000.tar")) == ["samples.keys", "samples.tok"]
 
 
 def test_the_same_source_and_seed_give_byte_identical_shards(tmp_path):
@@ -173,11 +172,138 @@ def test_read_manifest_refuses_a_missing_shard(shard_set):
     [
         ("{not json", "not readable JSON"),
         ('{"format": "something-else"}', "not a megapixel shard manifest"),
-        ('{"format": "megapixel-shards", "version": 2}', "version 2"),
-        ('{"format": "megapixel-shards", "version": 1, "n_px": "6"}', "n_px"),
+        ('{"format": "megapixel-shards", "version": 3}', "version 3"),
+        ('{"format": "megapixel-shards", "version": 2, "n_px": "6"}', "n_px"),
     ],
 )
 def test_read_manifest_refuses_a_broken_manifest(shard_set, text, message):
     (shard_set / "manifest.json").write_text(text)
     with pytest.raises(DataError, match=message):
         read_manifest(shard_set)
+
+
+def test_an_interrupted_write_is_finished_by_running_it_again_making_only_the_missing_shards(tmp_path):
+    source, _ = make_npy_source(tmp_path, 30)
+    args = dict(n_px=6, k=8, samples_per_shard=4, seed=3, progress=False)
+    whole = write_shards(source, tmp_path / "whole", **args)
+
+    class Interrupt(Exception):
+        pass
+
+    loads = 0
+
+    def load_then_stop(index, min_side=0):
+        nonlocal loads
+        loads += 1
+        if loads > 27 + 10:  # the palette sample (27 images) and two shards are done when the run "dies"
+            raise Interrupt
+        return type(source).load(source, index, min_side)
+
+    source.load = load_then_stop
+    with pytest.raises(Interrupt):
+        write_shards(source, tmp_path / "cut", **args)
+    del source.load
+    finished = sorted(p.name for p in (tmp_path / "cut").glob("*.tar"))
+    assert finished and not (tmp_path / "cut" / "manifest.json").exists()
+    with pytest.raises(DataError, match="interrupted .* run it again"):
+        read_manifest(tmp_path / "cut")
+    before = {name: (tmp_path / "cut" / name).stat().st_mtime_ns for name in finished}
+
+    resumed = write_shards(source, tmp_path / "cut", **args)
+    assert resumed["splits"] == whole["splits"] and resumed["palette_hash"] == whole["palette_hash"]
+    assert {name: (tmp_path / "cut" / name).stat().st_mtime_ns for name in finished} == before  # not rewritten
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole").iterdir()
+    )
+
+
+def test_an_unfinished_set_made_another_way_is_refused_and_left_alone(tmp_path):
+    source, _ = make_npy_source(tmp_path, 12)
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "recipe.json").write_text("{}")
+    with pytest.raises(DataError, match="unfinished shard set made another way"):
+        write_shards(source, out, n_px=6, k=8, progress=False)
+    assert [p.name for p in out.iterdir()] == ["recipe.json"]
+    write_shards(source, tmp_path / "done", n_px=6, k=8, progress=False)
+    with pytest.raises(DataError, match="is not empty"):
+        write_shards(source, tmp_path / "done", n_px=6, k=8, progress=False)
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_bytes_as_one_process(tmp_path):
+    source, _ = make_npy_source(tmp_path, 40)
+    args = dict(n_px=6, k=8, samples_per_shard=7, seed=2, progress=False)
+    one = write_shards(source, tmp_path / "one", **args)
+    two = write_shards(source, tmp_path / "two", workers=2, **args)
+    assert one["splits"] == two["splits"] and one["palette_hash"] == two["palette_hash"]
+
+
+def test_verify_finds_a_sound_set_sound_and_names_a_truncated_or_changed_shard(shard_set):
+    assert verify_shards(shard_set) == []
+    path = shard_set / "train-000000.tar"
+    path.write_bytes(path.read_bytes()[:700])
+    problems = verify_shards(shard_set)
+    assert any("train-000000.tar" in p and "checksum" in p for p in problems)
+    assert any("train-000000.tar" in p and "truncated" in p for p in problems)
+    with pytest.raises(DataError, match="train-000000.tar is truncated"):
+        open_shard(path, 6)
+
+
+def test_version_1_shard_sets_of_one_member_per_sample_are_still_read(tmp_path):
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, 8, (5, 16)).astype("<u2")
+    with tarfile.open(tmp_path / "old.tar", "w") as tar:
+        for i, row in enumerate(tokens):
+            for ext, data in (("tok", row.tobytes()), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"{i:08d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    got, labels = open_shard(tmp_path / "old.tar", 4, version=1)
+    np.testing.assert_array_equal(got, tokens)
+    assert labels.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_the_inspect_tool_reports_a_sound_set_writes_pngs_and_flags_a_damaged_shard(shard_set, tmp_path, capsys):
+    from PIL import Image
+
+    from tools.inspect_shards import main
+
+    assert main([str(shard_set), "--png", str(tmp_path / "png"), "--count", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ok: counts, checksums and palette hash match" in out and out.count("png: ") == 3
+    pngs = sorted((tmp_path / "png").iterdir())
+    assert len(pngs) == 3 and Image.open(pngs[0]).mode == "RGB"
+    (shard_set / "val-000000.tar").write_bytes(b"\0" * 10)
+    assert main([str(shard_set)]) == 1
+    assert "problem: val-000000.tar: checksum differs" in capsys.readouterr().out
+    assert main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_multi_crop_set_stores_k_random_crops_per_training_image_and_the_stream_reads_one_per_epoch(tmp_path):
+    from megapixel.data.stream import make_loader
+
+    source, _ = make_npy_source(tmp_path, 12, size=24)
+    manifest = write_shards(source, tmp_path / "s", n_px=6, k=8, samples_per_shard=4, train_crops=3, progress=False)
+    assert manifest["train_crops"] == 3 and verify_shards(tmp_path / "s") == []
+    shard = manifest["splits"]["train"]["shards"][0]
+    tokens, labels = open_shard(tmp_path / "s" / shard["name"], 6, crops=3)
+    assert tokens.shape == (3 * shard["count"], 36) and labels.shape == (shard["count"],)
+    assert not (tokens[0::3] == tokens[1::3]).all()  # the crops differ
+    val = manifest["splits"]["val"]["shards"][0]
+    assert open_shard(tmp_path / "s" / val["name"], 6)[0].shape == (val["count"], 36)  # val: one centre crop each
+
+    # Every stored row of an image, keyed to find which image and crop a streamed row is.
+    rows = {}
+    for s in manifest["splits"]["train"]["shards"]:
+        t, _ = open_shard(tmp_path / "s" / s["name"], 6, crops=3)
+        for i, row in enumerate(t):
+            rows.setdefault(row.tobytes(), set()).add((s["name"], i // 3, i % 3))
+    images = {(s["name"], i) for s in manifest["splits"]["train"]["shards"] for i in range(s["count"])}
+    loader = make_loader(str(tmp_path / "s"), "train", 11, shuffle_buffer=4)  # 11 training images: an epoch a batch
+    crops_seen = set()
+    for batch in islice(loader, 6):
+        found = [rows[row.astype(np.uint16).tobytes()] for row in batch["tokens"].numpy()]
+        assert {(name, image) for hits in found for name, image, _ in hits} == images  # each image once
+        crops_seen |= {crop for hits in found for _, _, crop in hits}
+    assert crops_seen == {0, 1, 2}  # 66 draws of one crop in 3: all three occur (miss one: < 1e-11)

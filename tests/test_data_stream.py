@@ -1,6 +1,5 @@
-"""Streaming shards: coverage across ranks and workers, shuffling, flips, evaluation passes, resume."""
+"""Streaming shards: coverage across ranks and workers, shuffling, flips, downsampling, evaluation passes, resume."""
 
-import tarfile
 from itertools import islice
 from pathlib import Path
 
@@ -8,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from megapixel.data.shards import write_shards
+from megapixel.data.shards import open_shard, write_shards
 from megapixel.data.sources import open_source
 from megapixel.data.stream import make_loader
-from megapixel.errors import DataError
+from megapixel.errors import CheckpointError, DataError
+from megapixel.palette import decode_tokens, encode_pixels, load_palette
 
 N_PX = 4
 N_SAMPLES = 40  # 36 train (6 shards of 6) + 4 val
@@ -49,8 +49,7 @@ def one_shard(tmp_path_factory) -> str:
 def split_ids(shard_dir: str, split: str) -> list[int]:
     ids = []
     for path in sorted(Path(shard_dir).glob(f"{split}-*.tar")):
-        with tarfile.open(path) as tar:
-            ids += [int(name.split(".")[0]) for name in tar.getnames() if name.endswith(".tok")]
+        ids += open_shard(path, N_PX)[0][:, 0].tolist()
     return sorted(ids)
 
 
@@ -61,11 +60,14 @@ def ids(batches) -> list[int]:
 def epochs(loader, count: int) -> list[list[int]]:
     """The sample ids of the first `count` epochs of an infinite loader, told apart by its position."""
     out: list[list[int]] = [[] for _ in range(count)]
+    before = loader.state_dict()
     for batch in loader:
-        epoch = loader.state_dict()["epoch"]  # the position includes the batch just handed out
+        # Batches of one never straddle epochs: the position before the batch tells its epoch.
+        epoch = before["consumed"] // before["samples"]
         if epoch == count:
             return out
         out[epoch] += ids([batch])
+        before = loader.state_dict()
     raise AssertionError("an infinite loader ended")
 
 
@@ -130,10 +132,8 @@ def test_flip_reverses_the_rows_of_about_half_the_images(shards):
     assert 6 <= int(is_flipped.sum()) <= 30
 
 
-# With 4 workers the 6 shards split 2, 2, 1, 1: two workers finish early, and a resume must skip them too.
-@pytest.mark.parametrize("num_workers", [0, 2, 4])
-@pytest.mark.parametrize("stop_after", [3, 6, 10])  # in the first epoch (8 or 9 batches of 4), and in the second
-@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # more than this CI's 2 cores
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("stop_after", [3, 10])  # in the first epoch (9 batches of 4), and in the second
 def test_a_restored_loader_continues_with_the_same_batches(shards, num_workers, stop_after):
     def loader():
         return make_loader(shards, "train", 4, num_workers=num_workers, shuffle_buffer=8, flip=True, seed=5)
@@ -151,24 +151,74 @@ def test_a_restored_loader_continues_with_the_same_batches(shards, num_workers, 
         assert torch.equal(want["tokens"], got["tokens"]) and torch.equal(want["labels"], got["labels"])
 
 
-def test_a_restored_loader_on_another_layout_resumes_the_same_epoch(shards):
+def test_two_ranks_of_two_workers_yield_every_sample_exactly_once_per_epoch(shards):
+    # 36 training samples, 2 ranks x batch 3: six steps make one epoch, twelve make two.
+    seen: list[list[int]] = [[], []]
+    for rank in range(2):
+        loader = make_loader(shards, "train", 3, rank=rank, world_size=2, num_workers=2, shuffle_buffer=8)
+        batches = list(islice(loader, 12))
+        seen[0] += ids(batches[:6])
+        seen[1] += ids(batches[6:])
+        assert loader.state_dict()["consumed"] == 72
+    assert sorted(seen[0]) == sorted(seen[1]) == split_ids(shards, "train")
+    assert seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("ranks, batch, workers", [(1, 4, 0), (4, 2, 2), (2, 2, 1)])
+def test_a_stream_stopped_mid_epoch_resumes_with_exactly_the_rest_on_any_layout(shards, ranks, batch, workers):
+    # Two ranks of batch 2 with two workers each stop after 5 steps: 20 of the epoch's 36 samples consumed.
+    first = [make_loader(shards, "train", 2, rank=r, world_size=2, num_workers=2, seed=7) for r in range(2)]
+    consumed = [i for loader in first for i in ids(islice(loader, 5))]
+    state = first[0].state_dict()
+    assert state == first[1].state_dict() and state["consumed"] == 20
+
+    rest = []
+    for rank in range(ranks):
+        loader = make_loader(shards, "train", batch, rank=rank, world_size=ranks, num_workers=workers, seed=7)
+        loader.load_state_dict(state)
+        rest += ids(islice(loader, 16 // (ranks * batch)))  # every layout here divides the 16 left
+    assert sorted(consumed + rest) == split_ids(shards, "train")
+
+
+def test_a_batch_larger_than_the_split_straddles_epochs_without_losing_samples(shards):
+    loader = make_loader(shards, "train", 64, shuffle_buffer=8)
+    first, second = islice(loader, 2)
+    order = ids([first, second])
+    assert sorted(order[:36]) == sorted(order[36:72]) == split_ids(shards, "train")
+
+
+def test_downsampling_through_the_palette_averages_each_block_and_re_encodes(shards):
+    full = next(iter(make_loader(shards, "val", 4, infinite=False)))["tokens"].numpy()
+    half = next(iter(make_loader(shards, "val", 4, infinite=False, n_px=N_PX // 2)))["tokens"].numpy()
+    palette = load_palette(Path(shards) / "palette.npy")
+    rgb = decode_tokens(full, palette).reshape(-1, 2, 2, 2, 2, 3).astype(np.float64)
+    expected = encode_pixels(np.rint(rgb.mean(axis=(2, 4))).astype(np.uint8), palette).reshape(-1, 4)
+    np.testing.assert_array_equal(half, expected)
+
+
+def test_a_position_from_another_shard_set_is_refused_and_an_old_one_warns(shards):
     loader = make_loader(shards, "train", 4)
-    list(islice(loader, 12))
-    state = loader.state_dict()
-    other = make_loader(shards, "train", 2, rank=1, world_size=2)
-    with pytest.warns(UserWarning, match="another layout"):
-        other.load_state_dict(state)
-    assert other.state_dict()["epoch"] == state["epoch"] and other.state_dict()["batches"] == state["batches"]
+    with pytest.raises(CheckpointError, match="split of 99 samples"):
+        loader.load_state_dict({**loader.state_dict(), "samples": 99})
+    old = {"epoch": 2, "batches": 3, "worker_batches": [3], "next_worker": 0, "batch_size": 4, "world_size": 1}
+    with pytest.warns(UserWarning, match="earlier megapixel"):
+        loader.load_state_dict(old)
+    assert loader.state_dict()["consumed"] == 2 * 36 + 12
 
 
-def test_a_batch_larger_than_a_ranks_epoch_is_refused(shards):
-    with pytest.raises(DataError, match="no full batch of 64"):
-        next(iter(make_loader(shards, "train", 64)))
+def test_a_truncated_shard_is_named_when_streamed(tmp_path):
+    make_shard_set(tmp_path / "set", samples_per_shard=6)
+    path = tmp_path / "set" / "shards" / "train-000002.tar"
+    path.write_bytes(path.read_bytes()[:600])
+    with pytest.raises(DataError, match="train-000002.tar is truncated"):
+        list(make_loader(str(tmp_path / "set" / "shards"), "train", 6, infinite=False))
 
 
 def test_loader_arguments_are_checked_against_the_shard_set(shards, tmp_path):
     with pytest.raises(DataError, match="holds 4x4 images but the model expects 32x32"):
         make_loader(shards, "train", 4, n_px=32)
+    with pytest.raises(DataError, match="holds 4x4 images but the model expects 3x3"):
+        make_loader(shards, "train", 4, n_px=3)
     with pytest.raises(DataError, match="unknown split 'test'"):
         make_loader(shards, "test", 4)
     with pytest.raises(DataError, match="rank 2 of 2"):

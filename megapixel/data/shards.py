@@ -1,176 +1,116 @@
-"""Shard sets on disk: images -> palette tokens in webdataset .tar shards, with a palette and a manifest.
+"""Shard sets on disk: images -> palette tokens in .tar shards, with a palette and a manifest.
 
 A shard set is a folder holding `palette.npy`, `manifest.json`, `train-000000.tar ...` and
-`val-000000.tar ...`. A sample is `KEY.tok` (n_px * n_px little-endian uint16 palette indices in
-raster order) and, when the source is labelled, `KEY.cls` (the class index in ASCII decimal).
+`val-000000.tar ...`. Version 2 (written now) groups a whole shard into three tar members:
+`samples.tok` (n x n_px*n_px little-endian uint16 palette indices in raster order), `samples.cls`
+(n little-endian int32 class indices, -1 for none; present when the source is labelled) and
+`samples.keys` (the source keys, JSON). Readers memory-map the token array in place, so streaming
+costs no per-sample tar parsing. A set made with `train_crops` K > 1 (manifest field) holds K
+token rows per training image, image by image: the image's K stored random crops. Version 1 sets
+(one `KEY.tok` / `KEY.cls` member per sample) are still read. `megapixel/data/writer.py` writes shard sets.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-from datetime import datetime, timezone
+import tarfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import webdataset as wds
-from tqdm import tqdm
 
-from megapixel.data.sources import Source, resize_image
 from megapixel.errors import DataError
-from megapixel.palette import check_palette, encode_pixels, fit_palette, load_palette, palette_hash, save_palette
+from megapixel.palette import load_palette, palette_hash
 
 FORMAT = "megapixel-shards"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
-# Pixels the palette is fitted on: enough for 512 stable centres, few enough to fit in seconds.
-PALETTE_PIXELS = 200_000
-# Images encoded together: big enough to amortise numpy overhead, small enough to bound memory.
-_ENCODE_BLOCK = 256
+MEMBER = "samples"
 
 
-def write_shards(
-    source: Source,
-    out_dir: str | Path,
-    n_px: int,
-    palette: np.ndarray | None = None,
-    k: int = 512,
-    val_fraction: float = 0.1,
-    samples_per_shard: int = 1000,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Resize, palette-encode and split `source` into a new shard set at `out_dir`; returns its manifest."""
-    out_dir = Path(out_dir)
-    if n_px < 1:
-        raise DataError(f"resolution {n_px}: must be a positive number of pixels")
-    if samples_per_shard < 1:
-        raise DataError(f"samples per shard {samples_per_shard}: must be at least 1")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"validation fraction {val_fraction}: must be in [0, 1)")
-    if palette is not None:
-        palette = check_palette(palette, "the given palette")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DataError(f"{out_dir} is not empty: choose a new folder for the shard set")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Everything is written beside the final folder and renamed into place at the end, so an
-    # interrupted run never leaves a half shard set under the name a trainer would read.
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+def write_shard(path: Path, tokens: np.ndarray, labels: np.ndarray | None, keys: list[str]) -> None:
+    """Write one version-2 shard; the file appears complete under `path` or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    members = [("tok", np.ascontiguousarray(tokens, dtype="<u2").tobytes())]
+    if labels is not None:
+        members.append(("cls", np.asarray(labels, dtype="<i4").tobytes()))
+    members.append(("keys", json.dumps(keys).encode()))
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for ext, data in members:
+            # A fixed mtime and owner make the same samples give byte-identical shards (stable hashes).
+            info = tarfile.TarInfo(f"{MEMBER}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, _BytesReader(data))
+    tmp.replace(path)
+
+
+class _BytesReader:
+    """A minimal file object over bytes (tarfile.addfile reads its data through `read`)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view, self._at = memoryview(data), 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._at + size
+        chunk = self._view[self._at : end].tobytes()
+        self._at += len(chunk)
+        return chunk
+
+
+def open_shard(
+    path: str | Path, n_px: int, version: int = VERSION, crops: int = 1
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A shard's tokens (n * crops, n_px*n_px) uint16 (memory-mapped for version 2) and labels (n,) int64 or None."""
+    path = Path(path)
+    length = n_px * n_px
+    damaged = f"{path} is truncated or damaged"
     try:
-        manifest = _write(source, partial, n_px, palette, k, val_fraction, samples_per_shard, seed, progress)
-        try:
-            os.rename(partial, out_dir)
-        except OSError as err:
-            raise DataError(f"cannot move the new shard set into {out_dir} ({err}): choose a new folder") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return manifest
+        with tarfile.open(path) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            if version == 1:
+                return _read_v1(tar, members, length, path)
+        tok, cls = members.get(f"{MEMBER}.tok"), members.get(f"{MEMBER}.cls")
+        if tok is None or tok.size % (2 * length * crops):
+            raise DataError(f"{damaged} (no {n_px}x{n_px} token array inside): remake the shard set")
+        count = tok.size // (2 * length)
+        size = path.stat().st_size
+        if tok.offset_data + tok.size > size or (cls is not None and cls.offset_data + cls.size > size):
+            raise DataError(f"{damaged} (it ends inside its data): copy it again or remake the shard set")
+        tokens = (
+            np.memmap(path, dtype="<u2", mode="r", offset=tok.offset_data, shape=(count, length))
+            if count
+            else (np.zeros((0, length), dtype=np.uint16))
+        )
+        labels = None
+        if cls is not None:
+            if cls.size * crops != 4 * count:
+                raise DataError(f"{damaged} ({count // crops} images but {cls.size // 4} labels): remake the shard set")
+            labels = np.fromfile(path, dtype="<i4", count=count // crops, offset=cls.offset_data).astype(np.int64)
+        return tokens, labels
+    except (tarfile.TarError, OSError, ValueError, EOFError) as err:
+        raise DataError(f"{damaged} ({err}): copy it again or remake the shard set") from None
 
 
-def _write(
-    source: Source,
-    folder: Path,
-    n_px: int,
-    palette: np.ndarray | None,
-    k: int,
-    val_fraction: float,
-    samples_per_shard: int,
-    seed: int,
-    progress: bool,
-) -> dict:
-    images, labels = _read_resized(source, folder / "images.tmp.npy", n_px, progress)
-    count = len(labels)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(count)
-    n_val = 0
-    if val_fraction > 0 and count >= 2:
-        n_val = min(max(1, round(count * val_fraction)), count - 1)
-    # Training samples keep the seeded permutation so every shard mixes classes; validation
-    # samples keep the source's order, as evaluation never shuffles.
-    split_indices = {"train": order[n_val:], "val": np.sort(order[:n_val])}
-    if palette is None:
-        palette = fit_palette(_sample_pixels(images, split_indices["train"], rng), k, seed=seed)
-    save_palette(folder / "palette.npy", palette)
-
-    splits: dict[str, Any] = {}
-    with tqdm(total=count, desc="encoding", unit="img", disable=not progress) as bar:
-        for split in SPLITS:
-            indices = split_indices[split]
-            shards = []
-            for number, start in enumerate(range(0, len(indices), samples_per_shard)):
-                name = f"{split}-{number:06d}.tar"
-                chunk = indices[start : start + samples_per_shard]
-                _write_shard(folder / name, images, labels, chunk, palette)
-                shards.append({"name": name, "count": len(chunk), "sha256": _file_sha256(folder / name)})
-                bar.update(len(chunk))
-            splits[split] = {"shards": shards, "count": int(len(indices))}
-    del images
-    (folder / "images.tmp.npy").unlink()
-
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "n_px": n_px,
-        "n_vocab": len(palette),
-        "palette_hash": palette_hash(palette),
-        "label_names": list(source.label_names),
-        "splits": splits,
-        "source": source.name,
-        "seed": seed,
-        "skipped": [[path, reason] for path, reason in source.skipped],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+def _read_v1(tar: tarfile.TarFile, members: dict, length: int, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A version-1 shard (one member per sample) read whole into memory."""
+    rows, labels = [], []
+    for name, member in members.items():
+        key, _, ext = name.partition(".")
+        if ext == "tok":
+            raw = tar.extractfile(member).read()
+            if len(raw) != 2 * length:
+                raise DataError(f"{path}: sample {key} is not {length} tokens: the shard is damaged; remake the set")
+            rows.append(np.frombuffer(raw, dtype="<u2"))
+            cls = members.get(f"{key}.cls")
+            labels.append(int(tar.extractfile(cls).read()) if cls is not None else -1)
+    tokens = np.stack(rows) if rows else np.zeros((0, length), dtype=np.uint16)
+    has_labels = any(label >= 0 for label in labels)
+    return tokens, (np.asarray(labels, dtype=np.int64) if has_labels else None)
 
 
-def _read_resized(source: Source, scratch: Path, n_px: int, progress: bool) -> tuple[np.ndarray, list[int | None]]:
-    """Every readable image resized to n_px, in a scratch memory-mapped array (the set may exceed RAM)."""
-    images = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(max(len(source), 1), n_px, n_px, 3))
-    labels: list[int | None] = []
-    for sample in tqdm(source.samples(), total=len(source), desc="resizing", unit="img", disable=not progress):
-        images[len(labels)] = resize_image(sample.image, n_px)
-        labels.append(sample.label)
-    if not labels:
-        raise DataError(f"{source.name} gave no readable images ({len(source.skipped)} skipped): check the source")
-    return images[: len(labels)], labels
-
-
-def _sample_pixels(images: np.ndarray, indices: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Up to PALETTE_PIXELS pixels drawn at random from the images at `indices`, as (N, 3)."""
-    per_image = images.shape[1] * images.shape[2]
-    flat = images.reshape(len(images), per_image, 3)
-    total = len(indices) * per_image
-    if total <= PALETTE_PIXELS:
-        return flat[np.sort(indices)].reshape(-1, 3)
-    picks = np.sort(rng.choice(total, PALETTE_PIXELS, replace=False))
-    return flat[indices[picks // per_image], picks % per_image]
-
-
-def _write_shard(
-    path: Path, images: np.ndarray, labels: list[int | None], indices: np.ndarray, palette: np.ndarray
-) -> None:
-    # A fixed mtime makes the same samples give byte-identical shards, so their hashes are stable.
-    with wds.TarWriter(str(path), encoder=False, mtime=0) as writer:
-        for start in range(0, len(indices), _ENCODE_BLOCK):
-            block = indices[start : start + _ENCODE_BLOCK]
-            tokens = encode_pixels(images[np.sort(block)], palette)
-            # Encoded in sorted order (memory-map friendly), written back in the shard's order.
-            rows = np.argsort(np.argsort(block))
-            for index, row in zip(block, rows, strict=True):
-                sample = {"__key__": f"{index:08d}", "tok": tokens[row].astype("<u2").tobytes()}
-                if labels[index] is not None:
-                    sample["cls"] = str(labels[index]).encode("ascii")
-                writer.write(sample)
-
-
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -186,15 +126,20 @@ def read_manifest(shard_dir: str | Path) -> dict:
         raise DataError(f"no shard set at {shard_dir}: {remake}")
     path = shard_dir / "manifest.json"
     if not path.is_file():
-        raise DataError(f"{shard_dir} has no manifest.json, so it is not a shard set: {remake}")
+        hint = (
+            " (an interrupted `megapixel shards`: run it again to finish)"
+            if (shard_dir / "recipe.json").is_file()
+            else ""
+        )
+        raise DataError(f"{shard_dir} has no manifest.json, so it is not a shard set{hint}: {remake}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path} is not readable JSON ({err}): remake the shard set") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a megapixel shard manifest (format is not {FORMAT!r}): {remake}")
-    if manifest.get("version") != VERSION:
-        raise DataError(f"{path} has version {manifest.get('version')}: this megapixel reads version {VERSION}")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise DataError(f"{path} has version {manifest.get('version')}: this megapixel reads versions 1 and 2")
     _check_fields(manifest, path)
     palette = load_palette(shard_dir / "palette.npy", k=manifest["n_vocab"])
     if palette_hash(palette) != manifest["palette_hash"]:
@@ -227,3 +172,77 @@ def _check_fields(manifest: dict, path: Path) -> None:
             problems.append(f"splits.{split}")
     if problems:
         raise DataError(f"{path} lacks or garbles {', '.join(problems)}: remake the shard set")
+
+
+def crops_of(manifest: dict, split: str) -> int:
+    """Token rows stored per image in `split`: the training crops of a multi-crop set, else 1."""
+    return max(1, int(manifest.get("train_crops", 0))) if split == "train" else 1
+
+
+def verify_shards(shard_dir: str | Path) -> list[str]:
+    """Every problem found in a shard set: checksums, per-shard counts, labels in range; [] when sound."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    problems = []
+    for split in SPLITS:
+        total = 0
+        crops = crops_of(manifest, split)
+        for shard in manifest["splits"][split]["shards"]:
+            path = shard_dir / shard["name"]
+            if "sha256" in shard and file_sha256(path) != shard["sha256"]:
+                problems.append(f"{shard['name']}: checksum differs from the manifest (changed or truncated)")
+            try:
+                tokens, labels = open_shard(path, manifest["n_px"], manifest["version"], crops)
+            except DataError as err:
+                problems.append(str(err))
+                continue
+            total += len(tokens) // crops
+            if len(tokens) != shard["count"] * crops:
+                problems.append(
+                    f"{shard['name']}: holds {len(tokens) // crops} images, the manifest says {shard['count']}"
+                )
+            if len(tokens) and int(tokens.max()) >= manifest["n_vocab"]:
+                problems.append(
+                    f"{shard['name']}: token {int(tokens.max())} is outside the {manifest['n_vocab']} colours"
+                )
+            n_labels = len(manifest["label_names"])
+            if labels is not None and len(labels) and (labels.max() >= n_labels or labels.min() < -1):
+                problems.append(f"{shard['name']}: labels outside 0..{n_labels - 1}")
+        if total != manifest["splits"][split]["count"] and not problems:
+            problems.append(
+                f"{split}: {total} images in its shards, the manifest says {manifest['splits'][split]['count']}"
+            )
+    return problems
+
+
+def __getattr__(name: str) -> object:
+    # Writing lives in megapixel/data/writer.py (which imports this module); this keeps
+    # `from megapixel.data.shards import write_shards` working without a circular import.
+    if name == "write_shards":
+        from megapixel.data.writer import write_shards
+
+        return write_shards
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def write_previews(shard_dir: str | Path, out_dir: str | Path, count: int = 8, split: str = "train") -> list[Path]:
+    """Decode the first `count` images of a split through the palette and write them as PNGs (upscaled to view)."""
+    from megapixel.images import save_png, scale_for, upscale
+    from megapixel.palette import decode_tokens
+
+    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
+    manifest = read_manifest(shard_dir)
+    palette = load_palette(shard_dir / "palette.npy")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    n_px = manifest["n_px"]
+    for shard in manifest["splits"][split]["shards"]:
+        crops = crops_of(manifest, split)
+        tokens, labels = open_shard(shard_dir / shard["name"], n_px, manifest["version"], crops)
+        for row in range(min(len(tokens) // crops, count - len(written))):
+            label = "" if labels is None or labels[row] < 0 else f"-{manifest['label_names'][labels[row]]}"
+            image = upscale(decode_tokens(tokens[row * crops].reshape(n_px, n_px), palette), scale_for(n_px))
+            written.append(save_png(image, out_dir / f"{split}-{len(written):03d}{label}.png"))
+        if len(written) >= count:
+            break
+    return written

@@ -1,19 +1,21 @@
 """Image sources: the built-in digits, a folder of image files, or a .npy array, as (key, RGB, label).
 
-`open_source(spec)` picks the kind from the spec. Every source yields `Sample`s in a fixed order,
-so a shard set made twice from the same source and seed is the same.
+`open_source(spec)` picks the kind from the spec (archive formats live in `megapixel/data/archives.py`).
+Every source is a fixed, indexable list: `load(i)` reads image i, so worker processes can each read
+their own share, and a shard set made twice from the same source and seed is the same. Sources open
+their files lazily, so pickling one to a worker process sends paths, not pixels.
 """
 
 from __future__ import annotations
 
 import abc
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from megapixel.errors import DataError
 
@@ -29,6 +31,10 @@ class Sample:
     label: int | None
 
 
+class UnreadableImage(Exception):
+    """Raised by `Source.load` for an image that cannot be decoded; the message says where and why."""
+
+
 class Source(abc.ABC):
     """A finite, ordered set of images; `skipped` lists (path, reason) of unreadable files once iterated."""
 
@@ -42,14 +48,44 @@ class Source(abc.ABC):
         """How many samples the source offers (files later skipped as unreadable included)."""
 
     @abc.abstractmethod
+    def load(self, index: int, min_side: int = 0) -> Sample:
+        """Sample `index`; UnreadableImage(path, reason) when it cannot be decoded.
+
+        `min_side` > 0 allows a JPEG to be decoded at a reduced scale whose shorter side is still at least that."""
+
     def samples(self) -> Iterator[Sample]:
-        """The samples, always in the same order."""
+        """The readable samples, always in the same order; unreadable ones go to `skipped`."""
+        self.skipped = []
+        for index in range(len(self)):
+            try:
+                yield self.load(index)
+            except UnreadableImage as err:
+                self.skipped.append(err.args)
+
+
+def decode_image(data: bytes | Path, where: str, min_side: int = 0) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of an image file or its bytes; UnreadableImage(where, reason) if it cannot be decoded.
+
+    With `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (its DCT scaling, itself an area
+    average) as long as both sides stay at least `min_side`: 3-4x faster for ImageNet-sized photos."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            if min_side and img.format == "JPEG":
+                img.draft("RGB", (min_side, min_side))
+            return np.asarray(img.convert("RGB"))
+    except Exception as err:  # noqa: BLE001
+        # PIL's decoders raise many types on malformed files (OSError, SyntaxError, zlib and
+        # struct errors...); one bad file must not stop a run over a million images, so it is
+        # recorded and left out.
+        raise UnreadableImage(where, f"{type(err).__name__}: {err}") from None
 
 
 class DigitsSource(Source):
     """scikit-learn's 1,797 handwritten 8x8 digits (shipped with it), as grey RGB, labels 0-9."""
 
     def __init__(self) -> None:
+        from sklearn.datasets import load_digits  # slow to import: only when the digits are wanted
+
         digits = load_digits()
         grey = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
         self._images = np.repeat(grey[..., None], 3, axis=-1)
@@ -59,9 +95,8 @@ class DigitsSource(Source):
     def __len__(self) -> int:
         return len(self._images)
 
-    def samples(self) -> Iterator[Sample]:
-        for i, (image, label) in enumerate(zip(self._images, self._labels, strict=True)):
-            yield Sample(f"{i:04d}", image, int(label))
+    def load(self, index: int, min_side: int = 0) -> Sample:
+        return Sample(f"{index:04d}", self._images[index], int(self._labels[index]))
 
 
 class FolderSource(Source):
@@ -82,21 +117,12 @@ class FolderSource(Source):
     def __len__(self) -> int:
         return len(self._files)
 
-    def samples(self) -> Iterator[Sample]:
-        self.skipped = []
-        for path in self._files:
-            relative = path.relative_to(self._root).as_posix()
-            try:
-                with Image.open(path) as img:
-                    image = np.asarray(img.convert("RGB"))
-            except Exception as err:  # noqa: BLE001
-                # PIL's decoders raise many types on malformed files (OSError, SyntaxError, zlib and
-                # struct errors...); one bad file must not stop a run over a million images, so it is
-                # recorded and left out.
-                self.skipped.append((str(path), f"{type(err).__name__}: {err}"))
-                continue
-            label = self._class_of[relative.split("/", 1)[0]] if self.label_names else None
-            yield Sample(relative, image, label)
+    def load(self, index: int, min_side: int = 0) -> Sample:
+        path = self._files[index]
+        relative = path.relative_to(self._root).as_posix()
+        image = decode_image(path, str(path), min_side)
+        label = self._class_of[relative.split("/", 1)[0]] if self.label_names else None
+        return Sample(relative, image, label)
 
 
 class ArraySource(Source):
@@ -113,7 +139,9 @@ class ArraySource(Source):
             raise DataError(f"{path} has dtype {images.dtype}: {expected} (scale floats to 0..255 and cast to uint8)")
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3) or 0 in images.shape[1:]:
             raise DataError(f"{path} has shape {images.shape}: {expected}")
-        self._images = images
+        self._path = path
+        self._images: np.ndarray | None = images
+        self._count = len(images)
         self._labels = None
         label_names: list[str] = []
         labels_path = path.with_name(f"{path.stem}_labels.npy")
@@ -131,16 +159,20 @@ class ArraySource(Source):
         super().__init__(str(path.resolve()), label_names)
 
     def __len__(self) -> int:
-        return len(self._images)
+        return self._count
 
-    def samples(self) -> Iterator[Sample]:
-        width = len(str(max(len(self._images) - 1, 0)))
-        for i in range(len(self._images)):
-            image = np.asarray(self._images[i])
-            if image.ndim == 2:
-                image = np.repeat(image[..., None], 3, axis=-1)
-            label = None if self._labels is None else int(self._labels[i])
-            yield Sample(f"{i:0{width}d}", image, label)
+    def __getstate__(self) -> dict:
+        # A worker process re-opens the memory map instead of receiving a copy of the array.
+        return {**self.__dict__, "_images": None}
+
+    def load(self, index: int, min_side: int = 0) -> Sample:
+        if self._images is None:
+            self._images = np.load(self._path, mmap_mode="r", allow_pickle=False)
+        image = np.asarray(self._images[index])
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        label = None if self._labels is None else int(self._labels[index])
+        return Sample(f"{index:0{len(str(max(self._count - 1, 0)))}d}", image, label)
 
 
 def _load_npy(path: Path, expected: str) -> np.ndarray:
@@ -156,17 +188,34 @@ def _load_npy(path: Path, expected: str) -> np.ndarray:
 
 
 def open_source(spec: str) -> Source:
-    """Open `digits` (built in; a folder of that name is `./digits`), a folder of images, or a .npy file."""
+    """Open `digits` (built in), a folder (class-per-folder images, ImageNet val, CIFAR python, webdataset tars),
+    a .npy array, a .tar of images or one CIFAR batch file; docs/data.md lists the layouts."""
+    from megapixel.data import archives
+
     if spec == "digits":
         return DigitsSource()
     path = Path(spec)
     if not path.exists():
         raise DataError(f"no such file or folder: {spec}")
+    batches = archives.cifar_batches(path)
+    if batches:
+        return archives.CifarSource(batches)
     if path.is_dir():
+        labels = archives.imagenet_val_labels(path)
+        if labels is not None:
+            return archives.ImageNetValSource(path, labels)
+        tars = sorted(path.glob("*.tar"))
+        if tars and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+            return archives.TarSource(tars)
         return FolderSource(path)
     if path.suffix.lower() == ".npy":
         return ArraySource(path)
-    raise DataError(f"{spec} is neither a folder of images nor a .npy file: give one of those, or `digits`")
+    if path.suffix.lower() == ".tar":
+        return archives.TarSource([path])
+    raise DataError(
+        f"{spec} is not a folder of images, a .npy file, a .tar of images or a CIFAR batch: "
+        "give one of those, or `digits`"
+    )
 
 
 def resize_image(image: np.ndarray, n_px: int) -> np.ndarray:
@@ -181,3 +230,21 @@ def resize_image(image: np.ndarray, n_px: int) -> np.ndarray:
     # shrinking; BICUBIC on an 8-bit image is clipped to 0..255 by PIL itself.
     resample = Image.Resampling.BOX if side > n_px else Image.Resampling.BICUBIC
     return np.asarray(Image.fromarray(square, "RGB").resize((n_px, n_px), resample))
+
+
+# The paper's training augmentation: the shorter side resized to a random size in [256, 384], then a
+# random 224 x 224 crop (which is then downsampled to the model's resolution).
+CROP_SHORT_SIDE = (256, 384)
+CROP_SIZE = 224
+
+
+def random_resized_crop(image: np.ndarray, n_px: int, rng: np.random.Generator) -> np.ndarray:
+    """The paper's random crop of an RGB uint8 image, area-downsampled to (n_px, n_px, 3).
+
+    Resizing the short side to S and cropping 224 is cropping a square of 224/S of the short side at
+    full resolution, which loses nothing to a first resize."""
+    height, width = image.shape[:2]
+    short_side = rng.uniform(*CROP_SHORT_SIDE)
+    side = int(min(min(height, width), max(1, round(min(height, width) * CROP_SIZE / short_side))))
+    top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+    return resize_image(image[top : top + side, left : left + side], n_px)

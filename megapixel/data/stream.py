@@ -1,35 +1,38 @@
-"""Stream a shard set as batches of tokens: split over ranks and workers, shuffled, resumable.
+"""Stream a shard set as batches of tokens: one global order per epoch, split over ranks and workers, resumable.
 
-Each rank's data-loader workers are "slots" (rank * workers + worker). In an epoch, the split's
-shards are put in an order drawn from (seed, epoch) and dealt to the slots round-robin; when there
-are fewer shards than slots, every slot reads every shard and keeps the samples whose index in the
-epoch's order falls to it (index modulo slots), so a one-shard split still feeds every slot. Each
-slot shuffles through a buffer seeded from (seed, epoch, rank, worker), optionally flips, and
-batches. The rank's loader takes the workers' batches round-robin, skipping workers that are done.
+The samples of a split are numbered by their place in the manifest's shards. Training reads an
+endless sequence of epochs; epoch e's order is drawn from (seed, e): the shards are permuted, then
+the samples inside each window of `shuffle_buffer` consecutive samples (so reads stay local to a
+few shards). Global positions count through that sequence (position p is sample order_e[p - e*N]).
+Batch j of rank r (of R, batch B) holds positions C0 + (j*R + r)*B ... + B, where C0 is where the
+stream started; data-loader worker w builds the batches j with j % workers == w, and the loader
+hands them out in order. So after any number of steps the ranks together have consumed exactly
+the positions [0, C): the position is the one number C (plus the seed), and a restart with any
+rank count, worker count or batch size continues at C with nothing lost or repeated. Batches may
+straddle two epochs; every epoch still yields each sample exactly once.
 
-Position: the loader counts the batches it has handed out per worker. Restoring that count makes
-each worker re-read its share of the epoch and drop the batches already consumed (the cost: reading,
-not training on, that part of the epoch), then continue exactly where the stopped run would have.
+Augmentation: a multi-crop set stores several of the paper's random crops per training image and
+an epoch reads one of them (drawn from seed, epoch and image; evaluation passes read the first). In
+token space: a horizontal flip (each raster row reversed), decided per global
+position; and, when the model's resolution divides the stored one, area downsampling through the
+palette (decode, average f x f blocks, re-encode to the nearest colour).
 """
 
 from __future__ import annotations
 
-import random
 import warnings
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megapixel.data.shards import SPLITS, read_manifest
+from megapixel.data.shards import SPLITS, crops_of, open_shard, read_manifest
 from megapixel.errors import CheckpointError, DataError
+from megapixel.palette import decode_tokens, encode_pixels, load_palette
 
 
 @dataclass(frozen=True)
@@ -38,111 +41,145 @@ class StreamPlan:
 
     shard_paths: tuple[str, ...]
     shard_counts: tuple[int, ...]
-    n_px: int
+    version: int
+    n_px: int  # stored resolution
+    crops: int  # token rows stored per image (the training crops of a multi-crop set), one used per epoch
+    out_px: int  # resolution handed out (n_px, or a divisor of it: downsampled)
+    palette_path: str
     batch_size: int
     rank: int
     world_size: int
     seed: int
     shuffle_buffer: int
     flip: bool
-    # Training: shuffled, reshuffled each epoch, full batches only. Evaluation: a fixed order and
-    # the last partial batch kept.
+    # Training: shuffled, reshuffled each epoch, endless. Evaluation: one pass in a fixed order.
     shuffle: bool
 
+    @property
+    def samples(self) -> int:
+        """Samples in one epoch of the split."""
+        return sum(self.shard_counts)
 
-def _seed_of(*parts: int) -> int:
-    """One integer seed mixed from several (seed, epoch, rank, worker, purpose) parts."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+def epoch_order(plan: StreamPlan, epoch: int) -> np.ndarray:
+    """Sample numbers (int64) of one epoch in the order they are consumed."""
+    counts = np.asarray(plan.shard_counts, dtype=np.int64)
+    if not plan.shuffle:
+        return np.arange(counts.sum())
+    rng = np.random.default_rng([plan.seed, epoch])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    shards = rng.permutation(len(counts))
+    order = np.concatenate([np.arange(starts[s], starts[s] + counts[s]) for s in shards])
+    window = max(1, plan.shuffle_buffer)
+    full = len(order) // window * window
+    # Each window's samples permuted independently, in one vectorised call.
+    order[:full] = rng.permuted(order[:full].reshape(-1, window), axis=1).reshape(-1)
+    order[full:] = rng.permutation(order[full:])
+    return order
+
+
+class _Reader:
+    """Reads samples by number across a split's shards (opened lazily, memory-mapped) in one process."""
+
+    def __init__(self, plan: StreamPlan) -> None:
+        self.plan = plan
+        self.ends = np.cumsum(plan.shard_counts)
+        self.shards: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.orders: dict[int, np.ndarray] = {}
+        self.colours: np.ndarray | None = None
+        self.palette: np.ndarray | None = None
+        n = plan.n_px
+        self.flip_index = np.arange(n * n).reshape(n, n)[:, ::-1].reshape(-1)
+
+    def _shard(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if number not in self.shards:
+            plan = self.plan
+            tokens, labels = open_shard(plan.shard_paths[number], plan.n_px, plan.version, plan.crops)
+            if len(tokens) != plan.shard_counts[number] * plan.crops:
+                raise DataError(
+                    f"{self.plan.shard_paths[number]} holds {len(tokens) // plan.crops} images, the manifest says "
+                    f"{self.plan.shard_counts[number]}: the shard is damaged; copy it again or remake the set"
+                )
+            self.shards[number] = (tokens, labels)
+        return self.shards[number]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self.orders:
+            self.orders = {epoch: epoch_order(self.plan, epoch), **{e: o for e, o in self.orders.items() if e > epoch}}
+        return self.orders[epoch]
+
+    def batch(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The samples at global positions [start, stop)."""
+        plan = self.plan
+        positions = np.arange(start, stop)
+        epochs = positions // plan.samples
+        numbers = np.empty(len(positions), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            at = epochs == epoch
+            numbers[at] = self._order(int(epoch))[positions[at] - epoch * plan.samples]
+        shard_of = np.searchsorted(self.ends, numbers, side="right")
+        rows = numbers - (self.ends[shard_of] - np.asarray(plan.shard_counts)[shard_of])
+        crop_rows = rows * plan.crops
+        if plan.crops > 1 and plan.shuffle:
+            # Each epoch sees one of an image's stored crops, drawn from (seed, epoch, image).
+            crop_rows += (_mix(plan.seed + 1, epochs * plan.samples + numbers) % np.uint64(plan.crops)).astype(np.int64)
+        tokens = np.empty((len(numbers), plan.n_px * plan.n_px), dtype=np.uint16)
+        labels = np.full(len(numbers), -1, dtype=np.int64)
+        for shard in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == shard)
+            shard_tokens, shard_labels = self._shard(int(shard))
+            tokens[at] = shard_tokens[crop_rows[at]]
+            if shard_labels is not None:
+                labels[at] = shard_labels[rows[at]]
+        if plan.flip:
+            flipped = (_mix(plan.seed, positions) & np.uint64(1)).astype(bool)
+            tokens[flipped] = tokens[flipped][:, self.flip_index]
+        if plan.out_px != plan.n_px:
+            tokens = self._downsample(tokens)
+        return {"tokens": torch.from_numpy(tokens.astype(np.int64)), "labels": torch.from_numpy(labels)}
+
+    def _downsample(self, tokens: np.ndarray) -> np.ndarray:
+        if self.palette is None:
+            self.palette = load_palette(self.plan.palette_path)
+        n, f = self.plan.out_px, self.plan.n_px // self.plan.out_px
+        rgb = decode_tokens(tokens, self.palette).reshape(len(tokens), n, f, n, f, 3).astype(np.float32)
+        small = np.rint(rgb.mean(axis=(2, 4))).astype(np.uint8)
+        return encode_pixels(small, self.palette).reshape(len(tokens), n * n)
+
+
+def _mix(seed: int, values: np.ndarray) -> np.ndarray:
+    """uint64 hashes of (seed, value) (splitmix64-style): per-position random choices that no layout changes."""
+    with np.errstate(over="ignore"):
+        x = values.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & (2**63 - 1))
+        x ^= x >> np.uint64(31)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(29)
+    return x
 
 
 class TokenStream(IterableDataset):
-    """One epoch of one rank's batches, dealt to the data-loader workers; workers skip consumed batches.
+    """One rank's batches from global position `start` on; each data-loader worker builds every workers-th one.
 
-    Each worker yields dicts `{"worker", "tokens", "labels"}` and a final `{"worker", "end": True}`,
-    so the loader knows when a worker is done and can interleave them in a fixed order.
+    Yields `(j, batch)`: j is the batch's number since `start`, so the loader can put workers' batches in order.
     """
 
-    def __init__(self, plan: StreamPlan, epoch: int, skip: tuple[int, ...]) -> None:
+    def __init__(self, plan: StreamPlan, start: int, end: int | None) -> None:
         super().__init__()
-        self.plan = plan
-        self.epoch = epoch
-        self.skip = skip
+        self.plan, self.start, self.end = plan, start, end
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan
-        samples = self._samples(worker, workers)
-        # Batches are consecutive samples, so skipping b batches is skipping b * batch_size samples.
-        samples = islice(samples, self.skip[worker] * plan.batch_size, None)
-        batch: list[tuple[np.ndarray, int]] = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == plan.batch_size:
-                yield _collate(worker, batch)
-                batch = []
-        if batch and not plan.shuffle:
-            yield _collate(worker, batch)
-        yield {"worker": worker, "end": True}
-
-    def _samples(self, worker: int, workers: int) -> Iterator[tuple[np.ndarray, int]]:
-        plan = self.plan
-        slots = plan.world_size * workers
-        slot = plan.rank * workers + worker
-        order = list(range(len(plan.shard_paths)))
-        if plan.shuffle:
-            random.Random(_seed_of(plan.seed, self.epoch)).shuffle(order)
-        urls = [plan.shard_paths[i] for i in order]
-        stages: list[Any] = []
-        if len(urls) >= slots:
-            urls = urls[slot::slots]
-        else:
-            stages.append(wds.select(_EveryNth(slot, slots)))
-        if plan.shuffle and plan.shuffle_buffer > 1:
-            rng = random.Random(_seed_of(plan.seed, self.epoch, plan.rank, worker, 0))
-            stages.append(wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=rng))
-        flips = np.random.default_rng(_seed_of(plan.seed, self.epoch, plan.rank, worker, 1))
-        stages.append(wds.map(_Decoder(plan.n_px, flips if plan.flip else None)))
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), *stages)
-        return iter(pipeline)
-
-
-class _EveryNth:
-    """Keeps every n-th sample starting at `first` (picklable, for worker processes)."""
-
-    def __init__(self, first: int, n: int) -> None:
-        self.first, self.n, self.seen = first, n, -1
-
-    def __call__(self, sample: dict) -> bool:
-        self.seen += 1
-        return self.seen % self.n == self.first
-
-
-class _Decoder:
-    """A webdataset sample (`tok` bytes, optional `cls`) -> (tokens int64 (n_px * n_px,), label or -1)."""
-
-    def __init__(self, n_px: int, flips: np.random.Generator | None) -> None:
-        self.n_px, self.flips = n_px, flips
-
-    def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
-        raw = sample.get("tok")
-        if raw is None or len(raw) != 2 * self.n_px * self.n_px:
-            raise DataError(
-                f"sample {sample.get('__key__')} in {sample.get('__url__')} has no {self.n_px}x{self.n_px} "
-                "tokens: the shard is damaged or from another resolution; remake the shard set"
-            )
-        tokens = np.frombuffer(raw, dtype="<u2").astype(np.int64)
-        if self.flips is not None and self.flips.random() < 0.5:
-            # A horizontal flip of the image is each raster row read backwards.
-            tokens = tokens.reshape(self.n_px, self.n_px)[:, ::-1].reshape(-1)
-        label = int(sample["cls"]) if "cls" in sample else -1
-        return tokens, label
-
-
-def _collate(worker: int, batch: list[tuple[np.ndarray, int]]) -> dict[str, Any]:
-    tokens = torch.from_numpy(np.stack([tokens for tokens, _ in batch]))
-    labels = torch.tensor([label for _, label in batch], dtype=torch.long)
-    return {"worker": worker, "tokens": tokens, "labels": labels}
+        reader = _Reader(plan)
+        j = worker
+        while True:
+            first = self.start + (j * plan.world_size + plan.rank) * plan.batch_size
+            stop = first + plan.batch_size if self.end is None else min(first + plan.batch_size, self.end)
+            if stop <= first:
+                return
+            yield j, reader.batch(first, stop)
+            j += workers
 
 
 class Loader:
@@ -150,139 +187,91 @@ class Loader:
 
     Infinite (training): epochs follow one another forever, each reshuffled; `iter()` continues
     from the current position. Finite (evaluation): each `iter()` is one pass in a fixed order from
-    the start, or from the position last given to `load_state_dict`.
+    the start (or from the position last given to `load_state_dict`), the last batch possibly short.
     """
 
     def __init__(self, plan: StreamPlan, num_workers: int, infinite: bool) -> None:
         self.plan = plan
         self.num_workers = num_workers
         self.infinite = infinite
-        self._workers = max(1, num_workers)
-        self._position = self._start(0)
+        self._consumed = 0  # global positions consumed by all ranks together
         self._restored = False
 
-    def _start(self, epoch: int) -> dict[str, Any]:
-        return {"epoch": epoch, "batches": 0, "worker_batches": [0] * self._workers, "next_worker": 0}
-
     def __len__(self) -> int:
-        """Batches in one pass (finite loaders only; a training epoch's length varies with its shuffle)."""
+        """Batches this rank gets in one pass (finite loaders only)."""
         if self.infinite:
             raise TypeError("an infinite loader has no length")
-        plan = self.plan
-        total = 0
-        for worker in range(self._workers):
-            slots = plan.world_size * self._workers
-            slot = plan.rank * self._workers + worker
-            if len(plan.shard_counts) >= slots:
-                samples = sum(plan.shard_counts[slot::slots])
-            else:
-                samples = len(range(slot, sum(plan.shard_counts), slots))
-            total += -(-samples // plan.batch_size)
-        return total
+        step = self.plan.world_size * self.plan.batch_size
+        first = self.plan.rank * self.plan.batch_size
+        return len(range(first, self.plan.samples, step))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if not self.infinite and not self._restored:
-            self._position = self._start(0)
+            self._consumed = 0
         self._restored = False
         return self._batches()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        position = self._position
-        while True:
-            yield from self._epoch(position)
-            if not self.infinite:
-                self._position = self._start(0)
-                return
-            if position["batches"] == 0:
-                raise DataError(
-                    f"rank {self.plan.rank} got no full batch of {self.plan.batch_size} in an epoch: the split has "
-                    f"{sum(self.plan.shard_counts)} samples for {self.plan.world_size} ranks x {self._workers} "
-                    "workers; use a smaller batch, fewer workers or more data"
-                )
-            position.update(self._start(position["epoch"] + 1))
-
-    def _epoch(self, position: dict[str, Any]) -> Iterator[dict[str, torch.Tensor]]:
-        """The rest of the epoch at `position`, updating it as each batch is handed out."""
-        stream = TokenStream(self.plan, position["epoch"], tuple(position["worker_batches"]))
+        plan = self.plan
+        stream = TokenStream(plan, self._consumed, None if self.infinite else plan.samples)
         if self.num_workers == 0:
-            items = iter(stream)
+            items: Any = iter(stream)
         else:
             items = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers))
-        queues: list[deque] = [deque() for _ in range(self._workers)]
-        done = [False] * self._workers
-        worker = position["next_worker"]
-        while not all(done):
-            if done[worker]:
-                worker = (worker + 1) % self._workers
-                continue
-            while not queues[worker]:
-                item = next(items)
-                queues[item["worker"]].append(item)
-            item = queues[worker].popleft()
-            if item.get("end"):
-                done[worker] = True
-                continue
-            position["worker_batches"][worker] += 1
-            position["batches"] += 1
-            worker = (worker + 1) % self._workers
-            position["next_worker"] = worker
-            yield {"tokens": item["tokens"], "labels": item["labels"]}
+        waiting: dict[int, dict[str, torch.Tensor]] = {}
+        start, j = self._consumed, 0
+        for number, batch in items:
+            waiting[number] = batch
+            while j in waiting:
+                self._consumed = start + (j + 1) * plan.world_size * plan.batch_size
+                yield waiting.pop(j)
+                j += 1
+        if not self.infinite:
+            self._consumed = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The position: epoch, batches handed out in it, and what an exact resume needs."""
-        plan = self.plan
+        """The position: global samples consumed, with the epoch it falls in and what must match on resume."""
         return {
-            "epoch": self._position["epoch"],
-            "batches": self._position["batches"],
-            "worker_batches": list(self._position["worker_batches"]),
-            "next_worker": self._position["next_worker"],
-            "rank": plan.rank,
-            "world_size": plan.world_size,
-            "workers": self._workers,
-            "batch_size": plan.batch_size,
-            "seed": plan.seed,
+            "version": 2,
+            "consumed": self._consumed,
+            "epoch": self._consumed // self.plan.samples,
+            "samples": self.plan.samples,
+            "seed": self.plan.seed,
+            "shuffle_buffer": self.plan.shuffle_buffer,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict`: exactly when the layout matches, else at the same point of the epoch.
-
-        With another rank, world size, worker count, batch size or seed the exact batches cannot be
-        recreated; the epoch resumes after the same share of its samples, so until the next epoch some
-        samples repeat and others are missed.
-        """
+        """Continue from a `state_dict`, exactly, on any number of ranks and workers and with any batch size."""
         try:
-            epoch, batches = int(state["epoch"]), int(state["batches"])
-            same = all(state.get(key) == value for key, value in self.state_dict().items() if key not in _POSITION)
-            worker_batches = [int(b) for b in state["worker_batches"]] if same else []
-            next_worker = int(state["next_worker"]) if same else 0
+            if state.get("version") != 2:
+                self._load_v1(state)
+            else:
+                consumed, samples = int(state["consumed"]), int(state["samples"])
+                if samples != self.plan.samples:
+                    raise CheckpointError(
+                        f"the checkpoint's data position is for a split of {samples} samples, these shards have "
+                        f"{self.plan.samples}: resume with the shard set it was trained on"
+                    )
+                if state.get("seed") != self.plan.seed or state.get("shuffle_buffer") != self.plan.shuffle_buffer:
+                    warnings.warn(
+                        "the data stream was saved with another seed or shuffle buffer: the order from here on "
+                        "differs, so until the next epoch some samples repeat and others are missed",
+                        stacklevel=2,
+                    )
+                self._consumed = consumed
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"the data position in the checkpoint is malformed ({err!r}): {state!r}") from None
-        if same:
-            self._position = {
-                "epoch": epoch,
-                "batches": batches,
-                "worker_batches": worker_batches,
-                "next_worker": next_worker,
-            }
-        else:
-            warnings.warn(
-                "the data stream was saved with another layout (rank, ranks, workers, batch size or seed); "
-                "resuming its epoch at the same share of samples, not at the exact batch",
-                stacklevel=2,
-            )
-            batch = int(state.get("batch_size", self.plan.batch_size))
-            ranks = int(state.get("world_size", self.plan.world_size))
-            skip = batches * batch * ranks // (self.plan.batch_size * self.plan.world_size)
-            self._position = {
-                "epoch": epoch,
-                "batches": skip,
-                "worker_batches": [skip // self._workers + (w < skip % self._workers) for w in range(self._workers)],
-                "next_worker": skip % self._workers,
-            }
         self._restored = True
 
-
-_POSITION = ("epoch", "batches", "worker_batches", "next_worker")
+    def _load_v1(self, state: dict[str, Any]) -> None:
+        """A position saved by the per-worker stream of earlier versions: the same share of the same epoch."""
+        warnings.warn(
+            "the checkpoint's data position is from an earlier megapixel: resuming its epoch at the same share "
+            "of samples, not at the exact sample",
+            stacklevel=3,
+        )
+        done = int(state["batches"]) * int(state["batch_size"]) * int(state["world_size"])
+        self._consumed = int(state["epoch"]) * self.plan.samples + min(done, self.plan.samples)
 
 
 def make_loader(
@@ -299,7 +288,9 @@ def make_loader(
     infinite: bool = True,
     n_px: int | None = None,
 ) -> Loader:
-    """A loader of `split` from the shard set at `shard_dir` for one rank: shuffled forever, or one fixed pass."""
+    """A loader of `split` from the shard set at `shard_dir` for one rank: shuffled forever, or one fixed pass.
+
+    `n_px` below the stored resolution (dividing it) downsamples on the fly through the palette."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if batch_size < 1:
@@ -309,10 +300,11 @@ def make_loader(
     if num_workers < 0:
         raise DataError(f"{num_workers} data-loader workers: must be 0 or more")
     manifest = read_manifest(shard_dir)
-    if n_px is not None and n_px != manifest["n_px"]:
+    stored = manifest["n_px"]
+    if n_px is not None and (n_px > stored or stored % n_px):
         raise DataError(
-            f"{shard_dir} holds {manifest['n_px']}x{manifest['n_px']} images but the model expects {n_px}x{n_px}: "
-            "set model.n_px to match or make shards at that resolution"
+            f"{shard_dir} holds {stored}x{stored} images but the model expects {n_px}x{n_px}: "
+            f"set model.n_px to {stored} or a divisor of it, or make shards at that resolution"
         )
     shards = manifest["splits"][split]["shards"]
     if not shards or manifest["splits"][split]["count"] == 0:
@@ -320,7 +312,11 @@ def make_loader(
     plan = StreamPlan(
         shard_paths=tuple(str(Path(shard_dir) / s["name"]) for s in shards),
         shard_counts=tuple(s["count"] for s in shards),
-        n_px=manifest["n_px"],
+        version=manifest["version"],
+        n_px=stored,
+        crops=crops_of(manifest, split),
+        out_px=n_px or stored,
+        palette_path=str(Path(shard_dir) / "palette.npy"),
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,

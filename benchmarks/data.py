@@ -1,0 +1,147 @@
+"""Data pipeline throughput on this machine: sharding JPEGs, and streaming 32x32 / 64x64 shards per worker.
+
+    python -m benchmarks.data --out data.json [--images 400 --samples 50000]
+
+Sharding: images/s of `write_shards` from a folder of 500x375 JPEGs to 32x32 tokens (palette given, so the
+time is decode + resize + encode + write), in this process and with 1 and 2 worker processes (their start-up
+included). Streaming: samples/s
+of one loader process (what one data-loader worker gives) over grouped (version-2) shards, batches of 128,
+with flips; the baseline is webdataset's plain per-sample pipeline (one tar member per sample, shuffle,
+decode, batch) over the same tokens, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from megapixel.data.shards import FORMAT, VERSION, write_shard
+from megapixel.data.sources import open_source
+from megapixel.data.writer import write_shards
+from megapixel.palette import palette_hash, save_palette
+
+BATCH = 128
+
+
+def make_jpegs(folder: Path, count: int, rng: np.random.Generator) -> None:
+    """Photo-like 500x375 JPEGs (smooth gradients plus noise: ImageNet's typical size and file size)."""
+    y, x = np.mgrid[0:375, 0:500]
+    for i in range(count):
+        base = np.stack([(x * rng.uniform(0.2, 0.5) + y * rng.uniform(0.1, 0.4) + rng.uniform(0, 255)) % 256] * 3, -1)
+        image = np.clip(base * rng.uniform(0.5, 1.0, 3) + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        (folder / f"c{i % 10}").mkdir(exist_ok=True)
+        Image.fromarray(image).save(folder / f"c{i % 10}" / f"{i:05d}.jpg", quality=90)
+
+
+def bench_sharding(root: Path, count: int, palette: np.ndarray) -> list[dict]:
+    source = open_source(str(root / "jpegs"))
+    rows = []
+    # workers=0 decodes in this process (one core; the palette look-up alone may use a second thread).
+    for workers, label in ((0, "in this process"), (1, "1 worker process"), (2, "2 worker processes")):
+        start = time.perf_counter()
+        out = root / f"jpeg-shards-{workers}"
+        write_shards(source, out, 32, palette=palette, samples_per_shard=50, progress=False, workers=workers)
+        seconds = time.perf_counter() - start
+        rows.append({"what": f"shard JPEG 500x375 -> 32x32, {label}", "images_per_s": count / seconds})
+    return rows
+
+
+def make_token_set(folder: Path, n_px: int, samples: int, palette: np.ndarray, rng: np.random.Generator) -> None:
+    """A version-2 shard set of random tokens (streaming cost does not depend on the token values)."""
+    folder.mkdir()
+    save_palette(folder / "palette.npy", palette)
+    shards = []
+    for number, start in enumerate(range(0, samples, 10_000)):
+        count = min(10_000, samples - start)
+        name = f"train-{number:06d}.tar"
+        write_shard(folder / name, rng.integers(0, 512, (count, n_px * n_px)), rng.integers(0, 1000, count), [])
+        shards.append({"name": name, "count": count})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "n_px": n_px,
+        "n_vocab": 512,
+        "palette_hash": palette_hash(palette),
+        "label_names": [str(i) for i in range(1000)],
+        "splits": {"train": {"shards": shards, "count": samples}, "val": {"shards": [], "count": 0}},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rate(batches, samples: int) -> float:
+    taken = 0
+    start = time.perf_counter()
+    for batch in batches:
+        taken += len(batch["labels"]) if isinstance(batch, dict) else len(batch[1])
+        if taken >= samples:
+            break
+    return taken / (time.perf_counter() - start)
+
+
+def bench_streaming(root: Path, samples: int, palette: np.ndarray, rng: np.random.Generator) -> list[dict]:
+    # torch and webdataset are imported here, not at the top: spawned sharding workers re-import this
+    # module, and would each pay for them.
+    import webdataset as wds
+
+    from megapixel.data.stream import make_loader
+
+    rows = []
+    for n_px in (32, 64):
+        folder = root / f"tokens-{n_px}"
+        make_token_set(folder, n_px, samples, palette, rng)
+        loader = make_loader(str(folder), "train", BATCH, flip=True, shuffle_buffer=1000)
+        list(islice(loader, 2))  # open the shards once (page cache), as a running stream has
+        rows.append({"what": f"megapixel stream {n_px}x{n_px}, 1 worker", "samples_per_s": rate(loader, samples)})
+    # On-the-fly 64 -> 32 through the palette; random tokens make every averaged colour distinct (worst case).
+    loader = make_loader(str(root / "tokens-64"), "train", BATCH, flip=True, n_px=32)
+    rows.append({"what": "megapixel stream 64x64 -> 32x32 (worst case)", "samples_per_s": rate(loader, 5_000)})
+    # Baseline: the same 32x32 tokens, one tar member per sample, webdataset's plain pipeline.
+    tokens = rng.integers(0, 512, (samples, 1024)).astype("<u2")
+    path = root / "per-sample.tar"
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for i, row in enumerate(tokens):
+            writer.write({"__key__": f"{i:08d}", "tok": row.tobytes(), "cls": str(i % 1000).encode()})
+
+    def decode(sample):
+        return np.frombuffer(sample["tok"], dtype="<u2").astype(np.int64), int(sample["cls"])
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([str(path)]),
+        wds.tarfile_to_samples(),
+        wds.shuffle(1000),
+        wds.map(decode),
+        wds.batched(BATCH),
+    )
+    rows.append({"what": "webdataset per-sample 32x32, 1 worker (baseline)", "samples_per_s": rate(pipeline, samples)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run both benchmarks, print a table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data.json")
+    parser.add_argument("--images", type=int, default=400, help="JPEGs to shard")
+    parser.add_argument("--samples", type=int, default=50_000, help="samples to stream")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    palette = rng.uniform(-1, 1, (512, 3)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "jpegs").mkdir()
+        make_jpegs(root / "jpegs", args.images, rng)
+        rows = bench_sharding(root, args.images, palette) + bench_streaming(root, args.samples, palette, rng)
+    for row in rows:
+        numbers = ", ".join(f"{k} {v:,.0f}" for k, v in row.items() if k != "what")
+        print(f"{row['what']:<52} {numbers}")
+    Path(args.out).write_text(json.dumps({"benchmark": "data", "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
