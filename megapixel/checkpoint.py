@@ -83,9 +83,10 @@ def _model_states_file(tag: Path) -> Path:
     return tag / MODEL_STATES if (tag / MODEL_STATES).is_file() else tag / ZERO3_MODEL_STATES
 
 
-def read_client_state(tag: Path) -> dict[str, Any]:
-    """The saved engine record of a tag folder: DeepSpeed's keys plus the client state megapixel stored."""
-    path = _model_states_file(tag)
+def read_client_state(tag: Path, path: Path | None = None) -> dict[str, Any]:
+    """The saved engine record of a tag folder (or of its file `path`): DeepSpeed's keys plus the client state
+    megapixel stored."""
+    path = path or _model_states_file(tag)
     try:
         # mmap: only what is touched is read, so looking up the step or config of a large model is cheap.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -111,15 +112,65 @@ def _zero3_weights(tag: Path) -> dict[str, torch.Tensor]:
     return {name: t.detach() for name, t in state.items()}
 
 
-def read_model_weights(tag: Path) -> dict[str, torch.Tensor]:
-    """The IGPT state dict stored in a tag folder, with names as a bare IGPT has them."""
-    if (tag / MODEL_STATES).is_file():
-        module = read_client_state(tag).get("module")
-        if not module:
-            raise CheckpointError(f"{tag / MODEL_STATES} holds no module weights")
-    else:
-        module = _zero3_weights(tag)
+def checkpoint_layout(state: dict[str, Any]) -> dict[str, int]:
+    """The tensor, pipeline and data sizes a checkpoint was written with (older ones: one shard, one stage)."""
+    return state.get("layout") or {"tensor": 1, "pipeline": 1, "data": state.get("dp_world_size", 1)}
+
+
+def _module_of(tag: Path, path: Path) -> dict[str, torch.Tensor]:
+    module = read_client_state(tag, path).get("module")
+    if not module:
+        raise CheckpointError(f"{path} holds no module weights")
     return {name.removeprefix(MODULE_PREFIX): t for name, t in module.items()}
+
+
+def read_model_weights(tag: Path) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+    """The IGPT state dict stored in a tag folder, with names as a bare IGPT has them; for a tensor-parallel
+    checkpoint, one state dict of shards per tensor rank."""
+    if not (tag / MODEL_STATES).is_file():
+        return {name.removeprefix(MODULE_PREFIX): t for name, t in _zero3_weights(tag).items()}
+    state = read_client_state(tag)
+    layout = checkpoint_layout(state)
+    if layout["pipeline"] > 1:
+        n_layer = _config_of(tag, state).model.n_layer
+        shards = [_pipeline_layers(tag, r, n_layer) for r in range(layout["tensor"])]
+    else:
+        shards = [_module_of(tag, tag / f"mp_rank_{r:02d}_model_states.pt") for r in range(layout["tensor"])]
+    return shards[0] if len(shards) == 1 else shards
+
+
+def _pipeline_layers(tag: Path, tensor_rank: int, n_layer: int) -> dict[str, torch.Tensor]:
+    """One tensor rank's weights from a pipeline checkpoint's per-layer files, under IGPT's names.
+
+    Layers are megapixel.parallel.pipeline's: 0 the embeddings, 1..n_layer the blocks (`block.` inside),
+    n_layer + 1 ln_f and the heads."""
+    weights = {}
+    for index in range(n_layer + 2):
+        path = tag / f"layer_{index:02d}-model_{tensor_rank:02d}-model_states.pt"
+        try:
+            layer = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises several types for missing, truncated or foreign files
+            raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        for name, tensor in layer.items():
+            block = 1 <= index <= n_layer
+            weights[f"blocks.{index - 1}.{name.removeprefix('block.')}" if block else name] = tensor
+    return weights
+
+
+def gather_tensor_shards(
+    shards: list[dict[str, torch.Tensor]], full: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Join each tensor rank's shards into the whole weights whose shapes `full` gives (tensors or meta)."""
+    joined = {}
+    for name, first in shards[0].items():
+        want = full.get(name)
+        if want is None or first.shape == want.shape:
+            joined[name] = first  # replicated on every tensor rank (or unknown: _load_weights names it)
+            continue
+        # A split weight differs from the whole in exactly the dimension it was cut along.
+        dim = next(d for d, (a, b) in enumerate(zip(first.shape, want.shape, strict=True)) if a != b)
+        joined[name] = torch.cat([shard[name] for shard in shards], dim=dim)
+    return joined
 
 
 def _load_weights(model: IGPT, weights: dict[str, torch.Tensor], tag: Path) -> None:
@@ -173,7 +224,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IG
     state = read_client_state(tag)
     cfg = _config_of(tag, state)
     model = IGPT(cfg.model)
-    _load_weights(model, read_model_weights(tag), tag)
+    weights = read_model_weights(tag)
+    if isinstance(weights, list):
+        weights = gather_tensor_shards(weights, model.state_dict())
+    _load_weights(model, weights, tag)
     palette = _palette_of(tag, cfg, state.get("palette_hash"))
     return model.to(device).eval(), cfg, palette
 

@@ -37,16 +37,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Marks the variables a plain process invented for itself (its pid and port), so that a program it starts
+# (which inherits them) does not take them for a launcher's and try to listen on the parent's port.
+_INVENTED = "MEGAPIXEL_INVENTED_RANK_VARS"
+
+
+def _inherited_from_plain_process() -> bool:
+    pid, _, port = os.environ.get(_INVENTED, "").partition(":")
+    return bool(pid) and pid != str(os.getpid()) and os.environ.get("MASTER_PORT") == port
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); safe to call twice."""
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        if ("RANK" not in os.environ and "WORLD_SIZE" not in os.environ) or _inherited_from_plain_process():
             # A plain `python ...` process: without these DeepSpeed falls back to MPI discovery and fails.
-            os.environ.update(
-                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-            )
+            port = str(_free_port())
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            os.environ[_INVENTED] = f"{os.getpid()}:{port}"
         os.environ.setdefault("LOCAL_RANK", "0")
         missing = [name for name in _LAUNCH_VARS if name not in os.environ]
         if missing:
@@ -63,7 +73,9 @@ def init_distributed() -> DistInfo:
         else:
             # The shared-memory collective op is JIT-built on first use (45 s) and gloo works without it.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    # Also when torch.distributed was initialised by someone else: DeepSpeed's own comm layer (which a
+    # PipelineModule asks for ranks) then wraps the existing group.
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     return DistInfo(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

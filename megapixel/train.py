@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import random
 import shutil
 import time
@@ -33,6 +34,10 @@ from megapixel.distributed import DistInfo, init_distributed
 from megapixel.errors import CheckpointError, ConfigError, DataError
 from megapixel.metrics import MetricsLog
 from megapixel.model import IGPT
+from megapixel.model.igpt import Block
+from megapixel.parallel import ParallelGroups, make_groups, parallel_loss, tensor_parallelize, validate_layout
+from megapixel.parallel.mpu import ModelParallelUnit
+from megapixel.parallel.pipeline import pipeline_micro_batches, pipeline_module
 from megapixel.schedule import make_scheduler
 
 # Never let DeepSpeed print its own step lines: the progress bar and metrics.jsonl report progress.
@@ -40,15 +45,22 @@ QUIET_STEPS = 2**62
 
 
 class LossModule(nn.Module):
-    """The engine's module: IGPT's training loss, so every call goes through the engine (and ZeRO-3's hooks)."""
+    """The engine's module: IGPT's training loss, so every call goes through the engine (and ZeRO-3's hooks).
 
-    def __init__(self, model: IGPT) -> None:
+    With a tensor group of more than one rank the model must be tensor-parallelized over it, and the loss is
+    taken on vocabulary shards (the full logits are never gathered).
+    """
+
+    def __init__(self, model: IGPT, tensor_group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.model = model
+        self.tensor_group = tensor_group
 
     def forward(
         self, tokens: torch.Tensor, labels: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
+        if self.tensor_group is not None:
+            return parallel_loss(self.model, tokens, self.tensor_group, labels, generator)[0]
         return self.model.loss(tokens, labels, generator)[0]
 
 
@@ -90,14 +102,15 @@ def deepspeed_config(cfg: Config, dp_world: int, device: torch.device) -> dict[s
     return _deep_merge(derived, cfg.deepspeed)
 
 
-def _check_layout(cfg: Config) -> None:
+def _check_layout(cfg: Config, world_size: int) -> None:
+    """Refuse, with one line, a layout that cannot run on `world_size` processes, before any work."""
     p = cfg.parallel
-    if p.tensor > 1 or p.pipeline > 1:
+    if p.pipeline > 1 and p.zero_stage > 1:
         raise ConfigError(
-            "tensor and pipeline parallelism are not available yet; set parallel.tensor=1 parallel.pipeline=1"
+            f"ZeRO stage {p.zero_stage} cannot partition gradients across pipeline stages: "
+            "set parallel.zero_stage=1 (or 0) with parallel.pipeline > 1"
         )
-    if p.activation_checkpointing:
-        raise ConfigError("activation checkpointing is not available yet; set parallel.activation_checkpointing=false")
+    validate_layout(cfg, world_size)
 
 
 def check_shards(cfg: Config) -> dict[str, Any]:
@@ -127,7 +140,12 @@ def check_shards(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
-def _resume_tag(cfg: Config, manifest: dict[str, Any], resume: bool, world_size: int) -> Path | None:
+def layout_of(groups: ParallelGroups) -> dict[str, int]:
+    """The sizes a checkpoint records: its tensor shards, pipeline stages and data-parallel replicas."""
+    return {"tensor": groups.tensor_size, "pipeline": groups.pipeline_size, "data": groups.data_size}
+
+
+def _resume_tag(cfg: Config, manifest: dict[str, Any], resume: bool, groups: ParallelGroups) -> Path | None:
     """The checkpoint to continue from (None for a fresh run), after checking it fits `cfg` and the shards."""
     run_dir = Path(cfg.train.run_dir)
     if not resume:
@@ -151,15 +169,24 @@ def _resume_tag(cfg: Config, manifest: dict[str, Any], resume: bool, world_size:
                 f"model.{key} is {now[key]!r} but the checkpoint {tag.name} was trained with {saved[key]!r}: "
                 f"set model.{key}={saved[key]} to resume it"
             )
+    # Checkpoints from before layouts were recorded are one-shard, one-stage.
+    saved_layout = state.get("layout", {"tensor": 1, "pipeline": 1, "data": state["dp_world_size"]})
+    now_layout = layout_of(groups)
+    for axis in ("tensor", "pipeline"):
+        if saved_layout[axis] != now_layout[axis]:
+            raise CheckpointError(
+                f"{tag.name} was written with parallel.{axis}={saved_layout[axis]} but this run has "
+                f"parallel.{axis}={now_layout[axis]}: resume with parallel.{axis}={saved_layout[axis]}"
+            )
     stage = state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
     if stage != cfg.parallel.zero_stage:
         raise CheckpointError(
             f"{tag.name} was written with ZeRO stage {stage}: resume with parallel.zero_stage={stage}"
         )
-    if stage > 0 and state["dp_world_size"] != world_size:
+    if stage > 0 and state["dp_world_size"] != groups.data_size:
         raise CheckpointError(
             f"{tag.name} was written by {state['dp_world_size']} data-parallel ranks and ZeRO partitions its "
-            f"optimizer state by rank: resume on {state['dp_world_size']} ranks"
+            f"optimizer state by rank: resume on {state['dp_world_size']} data-parallel ranks"
         )
     if state["palette_hash"] != manifest["palette_hash"]:
         raise CheckpointError(
@@ -174,16 +201,46 @@ def _seed(seed: int) -> None:
     random.seed(seed)
 
 
-def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo) -> Any:
-    """A DeepSpeed engine over LossModule(IGPT(cfg.model)) with AdamW and the warmup-cosine schedule."""
+def checkpoint_blocks(model: IGPT) -> None:
+    """Recompute each block's activations in backward instead of keeping them: memory of one block's
+    activations plus the blocks' inputs, for a third more compute. State-dict names stay unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    # Non-reentrant checkpointing: works with inputs that need no gradient and with the tensor-parallel
+    # collectives (recomputed in the same order on every tensor rank).
+    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, Block))
+
+
+def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo, groups: ParallelGroups | None = None) -> Any:
+    """A DeepSpeed engine over LossModule(IGPT(cfg.model)) with AdamW and the warmup-cosine schedule, laid out
+    over `groups` (made from cfg.parallel when not given): weights split over the tensor group, gradients
+    averaged and ZeRO partitions taken over the data group."""
     import deepspeed
 
+    if groups is None:
+        groups = make_groups(cfg.parallel, info.world_size, info.rank)
     # Every rank builds the same initial weights (DeepSpeed would broadcast rank 0's anyway), directly on
-    # its device: no host copy of the whole model per rank.
+    # its device: no host copy of the whole model per rank. Tensor ranks then keep their slices of them.
     _seed(cfg.train.seed)
     with torch.device(info.device):
         model = IGPT(cfg.model)
-    module = LossModule(model)
+    tensor_group = None
+    if groups.tensor_size > 1:
+        tensor_group = groups.tensor
+        tensor_parallelize(model, tensor_group)
+    if groups.pipeline_size > 1:
+        module = pipeline_module(model, groups, cfg.parallel.activation_checkpointing)
+        mpu = None  # the PipelineModule brings its own grid, in the same rank order as `groups`
+    else:
+        if cfg.parallel.activation_checkpointing:
+            checkpoint_blocks(model)
+        module = LossModule(model, tensor_group)
+        mpu = ModelParallelUnit(groups)
     if cfg.parallel.zero_stage == 3:
         # IGPT.embed reads these without calling their owners' forward, so ZeRO-3 would not gather them
         # (nor again for backward); the wrapper's hooks keep them gathered across forward and backward.
@@ -199,20 +256,25 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo) -> Any:
         fused=info.device.type == "cuda",
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, t), config=ds_config
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler(optimizer, t),
+        config=ds_config,
+        mpu=mpu,
     )
     return engine
 
 
-def _make_loader(cfg: Config, split: str, batch: int, info: DistInfo, infinite: bool) -> Any:
+def _make_loader(cfg: Config, split: str, batch: int, groups: ParallelGroups, infinite: bool) -> Any:
+    """The stream of this data-parallel replica: every tensor rank of a replica reads the same images."""
     from megapixel.data.stream import make_loader
 
     return make_loader(
         cfg.data.shards,
         split,
         batch,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=groups.data_rank,
+        world_size=groups.data_size,
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.train.seed,
@@ -222,11 +284,11 @@ def _make_loader(cfg: Config, split: str, batch: int, info: DistInfo, infinite: 
     )
 
 
-def evaluate(engine: Any, cfg: Config, info: DistInfo, max_batches: int) -> float | None:
+def evaluate(engine: Any, cfg: Config, info: DistInfo, groups: ParallelGroups, max_batches: int) -> float | None:
     """Mean loss over min(max_batches, the whole val split) batches of each rank; None without any."""
     if max_batches == 0:
         return None
-    loader = _make_loader(cfg, "val", engine.train_micro_batch_size_per_gpu(), info, infinite=False)
+    loader = _make_loader(cfg, "val", engine.train_micro_batch_size_per_gpu(), groups, infinite=False)
     # A fixed mask stream (BERT) makes every evaluation score the same masked positions.
     generator = torch.Generator(device=info.device).manual_seed(cfg.train.seed)
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # sum of loss x images, images
@@ -241,10 +303,16 @@ def evaluate(engine: Any, cfg: Config, info: DistInfo, max_batches: int) -> floa
             if not more.item():
                 break
             tokens = batch["tokens"].to(info.device, non_blocking=True)
-            labels = batch["labels"].to(info.device, non_blocking=True) if cfg.model.n_classes else None
-            loss = engine(tokens, labels, generator=generator)
+            if groups.pipeline_size > 1:
+                micro = pipeline_micro_batches([batch], cfg.model, info.device, generator)
+                # The last stage gets a 0-d loss, the others a broadcast copy of shape (1,).
+                loss = engine.eval_batch(micro, num_micro_batches=1).reshape(())
+            else:
+                labels = batch["labels"].to(info.device, non_blocking=True) if cfg.model.n_classes else None
+                loss = engine(tokens, labels, generator=generator)
             totals += torch.stack([loss.double() * len(tokens), totals.new_tensor(len(tokens))])
     engine.train()
+    # Tensor ranks of a replica count its images once each: the mean is the same.
     dist.all_reduce(totals)
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
@@ -256,10 +324,18 @@ def _write_run_files(cfg: Config) -> None:
     shutil.copyfile(Path(cfg.data.shards) / "palette.npy", run_dir / "palette.npy")
 
 
-def _save(engine: Any, cfg: Config, step: int, palette: str, per_rank: dict[str, Any], info: DistInfo) -> None:
+def _save(
+    engine: Any, cfg: Config, step: int, palette: str, per_rank: dict[str, Any], info: DistInfo, groups: ParallelGroups
+) -> None:
     ranks: list[Any] = [None] * info.world_size
     dist.all_gather_object(ranks, per_rank)
-    client = {"step": step, "config": cfg.to_dict(), "palette_hash": palette, "ranks": ranks}
+    client = {
+        "step": step,
+        "config": cfg.to_dict(),
+        "palette_hash": palette,
+        "ranks": ranks,
+        "layout": layout_of(groups),
+    }
     checkpoints = Path(cfg.train.run_dir) / "checkpoints"
     engine.save_checkpoint(str(checkpoints), tag=tag_name(step), client_state=client)
     if info.is_main:
@@ -287,16 +363,17 @@ class RankState:
     """What one rank carries from step to step besides the engine: its data position, random streams, and
     the loss of the steps since the last log line (summed on the device: no host sync until it is logged).
 
-    Making one seeds this rank's random generators (torch, numpy, python, BERT masks) from (train.seed, rank).
+    Making one seeds this rank's random generators (torch, numpy, python, BERT masks) from (train.seed, data
+    rank): the tensor ranks of a replica draw the same masks, as they compute one loss together.
     """
 
-    def __init__(self, cfg: Config, info: DistInfo, loader: Any) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, loader: Any, data_rank: int) -> None:
         self.loader = loader
         self.loss_sum = torch.zeros((), device=info.device)
         self.loss_count = 0
         # BERT's training masks come from their own stream, so nothing else that draws random numbers
         # (data-loader workers, evaluation) can change them.
-        seed = int(np.random.SeedSequence([cfg.train.seed, info.rank]).generate_state(1)[0])
+        seed = int(np.random.SeedSequence([cfg.train.seed, data_rank]).generate_state(1)[0])
         self.masks = torch.Generator(device=info.device).manual_seed(seed)
         _seed(seed)
 
@@ -342,17 +419,18 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     returns a summary: steps, train_loss, val_loss, run_dir, tokens_per_s, rank."""
     from tqdm import tqdm
 
-    _check_layout(cfg)
     info = init_distributed()
+    _check_layout(cfg, info.world_size)
     manifest = check_shards(cfg)
-    ds_config = deepspeed_config(cfg, info.world_size, info.device)
-    tag = _resume_tag(cfg, manifest, resume, info.world_size)
+    groups = make_groups(cfg.parallel, info.world_size, info.rank)
+    ds_config = deepspeed_config(cfg, groups.data_size, info.device)
+    tag = _resume_tag(cfg, manifest, resume, groups)
     eval_batches = cfg.train.eval_batches if manifest["splits"]["val"]["count"] else 0
 
-    engine = build_engine(cfg, ds_config, info)
+    engine = build_engine(cfg, ds_config, info, groups)
     accum = engine.gradient_accumulation_steps()
-    loader = _make_loader(cfg, "train", engine.train_micro_batch_size_per_gpu(), info, infinite=True)
-    state = RankState(cfg, info, loader)
+    loader = _make_loader(cfg, "train", engine.train_micro_batch_size_per_gpu(), groups, infinite=True)
+    state = RankState(cfg, info, loader, groups.data_rank)
     step = 0
     if tag is not None:
         step, ranks = _restore(engine, tag)
@@ -368,9 +446,15 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     bar = tqdm(total=steps, initial=step, disable=not (info.is_main and cfg.train.progress), unit="step")
     batches = iter(loader)
     window_start, window_steps = time.perf_counter(), 0
+    pipelined = groups.pipeline_size > 1
+    if pipelined:
+        micro_batches = pipeline_micro_batches(batches, cfg.model, info.device, state.masks)
     while step < steps:
         lr = engine.get_lr()[0]
-        for _ in range(accum):
+        if pipelined:
+            # The engine runs the accumulation steps itself (1F1B) and steps the optimizer.
+            state.add(engine.train_batch(data_iter=micro_batches))
+        for _ in range(0 if pipelined else accum):
             batch = next(batches)
             tokens = batch["tokens"].to(info.device, non_blocking=True)
             labels = batch["labels"].to(info.device, non_blocking=True) if use_labels else None
@@ -392,18 +476,18 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             window_start, window_steps = time.perf_counter(), 0
         pause_start = time.perf_counter()
         if step % cfg.train.eval_every == 0 or last:
-            val_loss = evaluate(engine, cfg, info, eval_batches)
+            val_loss = evaluate(engine, cfg, info, groups, eval_batches)
             if val_loss is not None:
                 metrics.write(step, val_loss=val_loss)
         if step % cfg.train.save_every == 0 or last:
-            _save(engine, cfg, step, manifest["palette_hash"], state.state_dict(), info)
+            _save(engine, cfg, step, manifest["palette_hash"], state.state_dict(), info, groups)
         # Time spent evaluating and saving is not training throughput.
         window_start += time.perf_counter() - pause_start
     bar.close()
     metrics.close()
     if trained_steps == 0:
         # Resumed at or past train.steps: nothing to train, but the summary still reports the model.
-        val_loss = evaluate(engine, cfg, info, eval_batches)
+        val_loss = evaluate(engine, cfg, info, groups, eval_batches)
     return {
         "steps": step,
         "train_loss": train_loss,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from megapixel.checkpoint import load_model, tag_name
+from megapixel.checkpoint import load_model, resolve_checkpoint, tag_name
 from megapixel.config import Config, apply_overrides, from_dict, to_yaml
 from megapixel.data.shards import write_shards
 from megapixel.data.sources import open_source
@@ -195,6 +195,14 @@ def test_init_distributed_in_a_plain_process_is_a_world_of_one_and_idempotent():
     assert init_distributed() == first
 
 
+def test_a_program_started_from_a_single_process_run_gets_its_own_rendezvous():
+    init_distributed()  # this process now listens on the port it chose
+    code = "from megapixel.distributed import init_distributed; print(init_distributed().world_size)"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # It inherited this process's invented RANK/MASTER_PORT; taking them for a launcher's would fail to listen.
+    assert child.returncode == 0 and child.stdout.strip().endswith("1"), child.stderr[-2000:]
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -252,11 +260,28 @@ def test_batch_sizes_that_do_not_divide_are_refused(shards, tmp_path):
         deepspeed_config(tiny(shards, tmp_path / "run", batch_size=16), 3, torch.device("cpu"))
 
 
-def test_tensor_and_pipeline_parallelism_are_refused_for_now(shards, tmp_path):
+def test_layouts_that_cannot_run_are_refused_before_any_work(shards, tmp_path):
     cfg = tiny(shards, tmp_path / "run")
     cfg.parallel.tensor = 2
-    with pytest.raises(ConfigError, match="set parallel.tensor=1 parallel.pipeline=1"):
+    with pytest.raises(ConfigError, match=r"1 processes cannot be split into parallel.tensor \(2\)"):
         train(cfg)
+    cfg = tiny(shards, tmp_path / "run")
+    cfg.parallel.tensor = 3
+    with pytest.raises(ConfigError, match=r"parallel.tensor \(3\) must divide model.n_head \(2\)"):
+        train(cfg)
+    cfg = tiny(shards, tmp_path / "run")
+    cfg.parallel.pipeline, cfg.parallel.zero_stage = 2, 2
+    with pytest.raises(ConfigError, match="ZeRO stage 2 cannot partition gradients across pipeline stages"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoints_record_their_layout(trained):
+    from megapixel.checkpoint import checkpoint_layout, read_client_state
+
+    cfg, _ = trained
+    state = read_client_state(resolve_checkpoint(cfg.train.run_dir))
+    assert checkpoint_layout(state) == {"tensor": 1, "pipeline": 1, "data": 1}
 
 
 def test_deepspeed_section_overrides_what_megapixel_derives(shards, tmp_path):

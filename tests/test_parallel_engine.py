@@ -1,0 +1,188 @@
+"""Tensor- and data-parallel layouts train through megapixel's DeepSpeed engine exactly as one process does.
+
+One spawn per process count runs every layout of that count (starting processes is the cost); the reference
+is the same engine in this process, accumulating the same pieces of each global batch the ranks share out.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from parallel_engine_harness import engine_config, engine_worker, interrupted_run_worker, run_engine
+from parallel_harness import run_processes
+
+from megapixel.checkpoint import load_model, tag_name
+from megapixel.config import ParallelConfig
+from megapixel.distributed import init_distributed
+from megapixel.metrics import read_metrics
+from megapixel.parallel import make_groups
+from megapixel.train import train
+
+pytestmark = pytest.mark.slow
+
+N_VOCAB, N_CLASSES, N_PX, BATCH, STEPS, LR = 16, 3, 4, 8, 5, 1e-2
+MODELS = {
+    "ar": dict(n_layer=2, n_embd=32, n_head=4, n_vocab=N_VOCAB, n_px=N_PX, kernels="torch", n_classes=N_CLASSES),
+    "bert": dict(n_layer=2, n_embd=32, n_head=4, n_vocab=N_VOCAB, n_px=N_PX, kernels="torch", objective="bert"),
+}
+# name: (parallel section, processes); the data size is what is left.
+LAYOUTS = {
+    "tensor2": ({"tensor": 2}, 2),
+    "data2": ({"tensor": 1}, 2),
+    "data2-zero1": ({"tensor": 1, "zero_stage": 1}, 2),
+    "tensor2-data2": ({"tensor": 2}, 4),
+    "tensor2-data2-zero2": ({"tensor": 2, "zero_stage": 2}, 4),
+    "tensor2-checkpointed": ({"tensor": 2, "activation_checkpointing": True}, 2),
+    "pipeline2": ({"tensor": 1, "pipeline": 2}, 2),
+    "tensor2-pipeline2": ({"tensor": 2, "pipeline": 2}, 4),
+    "pipeline2-data2-zero1-checkpointed": (
+        {"tensor": 1, "pipeline": 2, "zero_stage": 1, "activation_checkpointing": True},
+        4,
+    ),
+}
+SPLIT_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "c_fc.weight", "wte.weight", "head.weight")
+SPLIT_COLUMNS = ("attn.c_proj.weight", "mlp.c_proj.weight")
+# Split matmuls and all-reduces add the same fp32 products in another order: a dozen ulps of the largest
+# element, as tests/test_parallel_training.py measured; ten times that is allowed.
+ROUNDING = 1e-5
+# Adam steps of weights whose gradients are near its eps follow the rounding (see test_parallel_training.py):
+# final weights agree to a fraction of one step of length lr.
+WEIGHT_ATOL = 0.1 * LR
+SEED = random.randrange(2**31)
+
+
+def shard_of(name: str, full: torch.Tensor, tensor_rank: int, tensor_size: int) -> torch.Tensor:
+    if name.endswith(SPLIT_ROWS):
+        return full.chunk(tensor_size, dim=0)[tensor_rank]
+    if name.endswith(SPLIT_COLUMNS):
+        return full.chunk(tensor_size, dim=1)[tensor_rank]
+    return full
+
+
+@pytest.fixture(scope="module")
+def batches():
+    gen = torch.Generator().manual_seed(SEED)
+    return [
+        (
+            torch.randint(0, N_VOCAB, (BATCH, N_PX * N_PX), generator=gen),
+            torch.randint(0, N_CLASSES, (BATCH,), generator=gen),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(batches):
+    """reference(model, data, zero) -> one process accumulating `data` micro-batches per step."""
+    torch.set_num_threads(1)
+    cache = {}
+
+    def get(model: str, data: int) -> dict:
+        if (model, data) not in cache:
+            cfg = engine_config(MODELS[model], {}, SEED, BATCH, LR, micro_batch=BATCH // data)
+            info = init_distributed()
+            cache[model, data] = run_engine(cfg, make_groups(ParallelConfig(), info.world_size, info.rank), batches)
+        return cache[model, data]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def parallel(batches):
+    """parallel(model, layout) -> each rank's run."""
+    cache = {}
+
+    def get(model: str, layout: str) -> list[dict]:
+        world = LAYOUTS[layout][1]
+        if (model, world) not in cache:
+            mine = {name: p for name, (p, w) in LAYOUTS.items() if w == world}
+            cache[model, world] = run_processes(
+                engine_worker, world, mine, MODELS[model], SEED, batches, LR, timeout_s=300
+            )
+        return [ranks[layout] for ranks in cache[model, world]]
+
+    return get
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_engine_losses_and_gradients_match_single_process_over_five_steps(parallel, reference, model, layout):
+    section, world = LAYOUTS[layout]
+    tensor = section["tensor"]
+    ref = reference(model, world // (tensor * section.get("pipeline", 1)))
+    for run in parallel(model, layout):
+        torch.testing.assert_close(
+            torch.tensor(run["losses"]),
+            torch.tensor(ref["losses"]),
+            rtol=ROUNDING,
+            atol=0,
+            msg=lambda m: f"{model} {layout} losses (seed {SEED}): {m}",
+        )
+        if section.get("zero_stage", 0):
+            continue  # ZeRO keeps gradients in its partitioned buffers, not in .grad; the losses pin it
+        # A pipeline stage holds only its own layers.
+        assert run["grads"].keys() <= ref["grads"].keys() and run["grads"]
+        for name, grad in run["grads"].items():
+            full = ref["grads"][name]
+            expected = shard_of(name, full, run["tensor_rank"], tensor)
+            atol = ROUNDING * full.abs().max().item()
+            torch.testing.assert_close(grad, expected, rtol=0, atol=atol, msg=lambda m, n=name: f"{n} {SEED}: {m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_engine_weights_after_five_steps_are_the_single_process_slices(parallel, reference, layout):
+    section, world = LAYOUTS[layout]
+    tensor = section["tensor"]
+    ref = reference("ar", world // (tensor * section.get("pipeline", 1)))
+    for run in parallel("ar", layout):
+        assert run["final"].keys() <= ref["final"].keys()
+        for name, weight in run["final"].items():
+            expected = shard_of(name, ref["final"][name], run["tensor_rank"], tensor)
+            torch.testing.assert_close(weight, expected, rtol=0, atol=WEIGHT_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The digits as 8x8 tokens over a 16-colour palette, 10% held out."""
+    from megapixel.data.shards import write_shards
+    from megapixel.data.sources import open_source
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    write_shards(open_source("digits"), out, n_px=8, k=16, val_fraction=0.1, samples_per_shard=500, progress=False)
+    return out
+
+
+def trainer_config(shards, run_dir, **parallel: int):
+    """A two-block model on the digits: 6 steps, checkpoints at 3 and 6."""
+    model = dict(n_layer=2, n_embd=32, n_head=2, n_vocab=16, n_px=8, kernels="torch")
+    settings = dict(steps=6, save_every=3, keep_last=5, eval_every=3, eval_batches=2, log_every=1)
+    cfg = engine_config(model, parallel, SEED, 16, 3e-3, run_dir=str(run_dir), **settings)
+    cfg.data.shards, cfg.data.shuffle_buffer = str(shards), 100
+    return cfg
+
+
+@pytest.mark.parametrize("axis", ["tensor", "pipeline"])
+def test_trainer_with_two_shards_matches_one_process_resumes_exactly_and_refuses_another_layout(shards, tmp_path, axis):
+    cfg = trainer_config(shards, tmp_path / "two", **{axis: 2})
+    other = trainer_config(shards, tmp_path / "two", **{axis: 1})
+    ranks = run_processes(interrupted_run_worker, 2, cfg, other, timeout_s=300)
+    single = trainer_config(shards, tmp_path / "single")
+    train(single)
+    expected = [r["loss"] for r in read_metrics(single.train.run_dir) if "loss" in r]
+    for rank in ranks:
+        # Both ranks serve the one data replica: the same images as one process.
+        torch.testing.assert_close(torch.tensor(rank["straight"]), torch.tensor(expected), rtol=ROUNDING, atol=0)
+        # Data position, random streams, optimizer and schedule restored: the replay is bit for bit.
+        assert rank["resumed"] == rank["straight"]
+        assert rank["refused"] == (
+            f"CheckpointError: {tag_name(6)} was written with parallel.{axis}=2 but this run has parallel.{axis}=1: "
+            f"resume with parallel.{axis}=2"
+        )
+    # load_model joins the shards into the one-process model.
+    model, loaded, _ = load_model(cfg.train.run_dir)
+    reference, _, _ = load_model(single.train.run_dir)
+    assert loaded == cfg
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, reference.state_dict()[name], rtol=0, atol=0.1 * 3e-3, msg=name)

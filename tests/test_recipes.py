@@ -1,0 +1,176 @@
+"""The launch recipes: size configs with layouts that fit their GPU counts, the smoke test under torchrun and the
+deepspeed launcher on the CPU, and the commands the deepspeed and slurm scripts build."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megapixel.config import load
+from megapixel.metrics import read_metrics
+from megapixel.parallel import validate_layout
+from megapixel.train import deepspeed_config
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+# The GPUs each size's layout is written for (its comment does the memory arithmetic).
+GPUS = {"s": 8, "m": 8, "l": 8, "xl": 32}
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without a launcher's rank variables, the venv's programs first on PATH."""
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, "PYTHON": sys.executable, **extra}
+
+
+@pytest.mark.parametrize("size", GPUS)
+def test_size_recipes_lay_out_validly_on_their_gpus(size):
+    cfg = load(RECIPES / f"igpt_{size}.yaml")
+    world = GPUS[size]
+    validate_layout(cfg, world)
+    data = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    ds = deepspeed_config(cfg, data, torch.device("cuda"))
+    assert ds["train_batch_size"] == cfg.train.batch_size == (128 if size != "xl" else 64)
+    assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == cfg.parallel.zero_stage
+
+
+def test_xl_recipe_is_tensor4_by_pipeline2_with_zero1_and_checkpointing():
+    cfg = load(RECIPES / "igpt_xl.yaml")
+    assert cfg.model.n_layer == 60 and cfg.model.n_embd == 3072 and cfg.model.n_ctx == 4096
+    p = cfg.parallel
+    assert (p.tensor, p.pipeline, p.zero_stage, p.activation_checkpointing) == (4, 2, 1, True)
+
+
+def run_smoke(tmp_path: Path, *args: str) -> Path:
+    done = subprocess.run(
+        ["bash", str(RECIPES / "smoke.sh"), "--out", str(tmp_path), *args],
+        env=clean_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_smoke_trains_20_steps_with_tensor2_under_torchrun_and_pipeline2_under_deepspeed(tmp_path):
+    run_smoke(tmp_path, "--nproc", "2", "parallel.tensor=2")
+    run_smoke(tmp_path, "--launcher", "deepspeed", "--nproc", "2", "parallel.pipeline=2")
+    logged = {}
+    for launcher in ("torchrun", "deepspeed"):
+        records = read_metrics(tmp_path / f"run-{launcher}")
+        logged[launcher] = [r for r in records if "loss" in r]
+        assert [r["step"] for r in logged[launcher]] == [5, 10, 15, 20]
+        # From log 16 = 2.77 nats (zero head) down: the tiny model learns the digits.
+        assert logged[launcher][-1]["loss"] < 2.5
+        assert (tmp_path / f"run-{launcher}" / "checkpoints" / "latest").read_text() == "step_0000020"
+    # Two layouts of one model on the same data: the same losses, to fp32 rounding (see test_parallel_engine).
+    assert [r["loss"] for r in logged["deepspeed"]] == pytest.approx([r["loss"] for r in logged["torchrun"]], rel=1e-5)
+    # Each tensor rank wrote its shard of the model; each pipeline stage its layers.
+    tensor_tag = tmp_path / "run-torchrun" / "checkpoints" / "step_0000020"
+    assert (tensor_tag / "mp_rank_00_model_states.pt").is_file() and (
+        tensor_tag / "mp_rank_01_model_states.pt"
+    ).is_file()
+    pipeline_tag = tmp_path / "run-deepspeed" / "checkpoints" / "step_0000020"
+    assert len(list(pipeline_tag.glob("layer_*-model_00-model_states.pt"))) == 6  # embeddings, 4 blocks, heads
+
+
+def test_smoke_refuses_an_unknown_launcher(tmp_path):
+    done = subprocess.run(
+        ["bash", str(RECIPES / "smoke.sh"), "--out", str(tmp_path), "--launcher", "mpirun"],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "--launcher must be torchrun or deepspeed, got mpirun" in done.stderr
+
+
+def test_xl_script_builds_the_deepspeed_command_with_hostfile_and_overrides(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("node1 slots=8\nnode2 slots=8\n")
+    args = ["--hostfile", str(hosts), "--gpus", "8", "--resume", "--dry-run", "train.lr=1e-4"]
+    done = subprocess.run(["bash", str(RECIPES / "igpt_xl.sh"), *args], capture_output=True, text=True, check=True)
+    assert shlex.split(done.stdout) == [
+        "deepspeed", "--hostfile", str(hosts), "--num_gpus", "8", "--no_local_rank", "--module", "megapixel.cli",
+        "train", str(RECIPES / "igpt_xl.yaml"), "--resume", "train.lr=1e-4",
+    ]  # fmt: skip
+    missing = subprocess.run(["bash", str(RECIPES / "igpt_xl.sh"), "--hostfile", str(tmp_path / "no")], text=True,
+                             capture_output=True)  # fmt: skip
+    assert missing.returncode == 2 and "no hostfile at" in missing.stderr
+
+
+@pytest.fixture
+def slurm_env(tmp_path):
+    """A pretend 4-node allocation: SLURM variables and an `scontrol` that expands the node list."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu017\\ngpu018\\ngpu019\\ngpu020\\n"\n')
+    scontrol.chmod(0o755)
+    env = clean_env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[017-020]", SLURM_NNODES="4", GPUS_PER_NODE="8",
+                    RUN_DIR=str(tmp_path / "run"), DRY_RUN="1")  # fmt: skip
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def slurm_command(env: dict[str, str], *args: str) -> list[str]:
+    done = subprocess.run(
+        ["bash", str(RECIPES / "slurm" / "launch.sh"), "recipes/igpt_xl.yaml", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return shlex.split(done.stdout)
+
+
+def test_slurm_launch_starts_one_torchrun_per_node_meeting_at_the_first_node(slurm_env):
+    command = slurm_command(slurm_env, "train.lr=1e-4")
+    assert command == [
+        "srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", "4", "--nproc_per_node", "8", "--rdzv_id", "4242", "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", "gpu017:29500", "-m", "megapixel.cli", "train", "recipes/igpt_xl.yaml",
+        f"train.run_dir={slurm_env['RUN_DIR']}", "train.lr=1e-4",
+    ]  # fmt: skip
+
+
+def test_slurm_launch_resumes_a_run_that_has_a_checkpoint(slurm_env):
+    checkpoints = Path(slurm_env["RUN_DIR"]) / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest").write_text("step_0000500")
+    command = slurm_command(slurm_env)
+    assert command[-1] == "--resume" and command[-2] == f"train.run_dir={slurm_env['RUN_DIR']}"
+
+
+def test_slurm_launch_outside_an_allocation_says_so(slurm_env):
+    del slurm_env["SLURM_JOB_ID"]
+    done = subprocess.run(
+        ["bash", str(RECIPES / "slurm" / "launch.sh"), "recipes/igpt_xl.yaml"], env=slurm_env, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert done.returncode != 0 and "run inside a slurm allocation" in done.stderr
+
+
+@pytest.mark.parametrize(("script", "config"), [("igpt_1node.sbatch", "igpt_l"), ("igpt_multinode.sbatch", "igpt_xl")])
+def test_sbatch_scripts_ask_for_sigusr1_before_the_limit_requeue_and_launch(slurm_env, script, config):
+    path = RECIPES / "slurm" / script
+    text = path.read_text()
+    assert "#SBATCH --signal=B:USR1@600" in text and "#SBATCH --requeue" in text
+    del slurm_env["RUN_DIR"]
+    done = subprocess.run(
+        ["bash", str(path)], env={**slurm_env, "SLURM_SUBMIT_DIR": str(ROOT)}, capture_output=True, text=True
+    )
+    command = shlex.split(done.stdout)
+    assert done.returncode == 0 and command[0] == "srun"
+    assert command[command.index("train") + 1 :] == [f"recipes/{config}.yaml", f"train.run_dir=runs/{config}"]
