@@ -105,10 +105,47 @@ def cmd_probe(args: argparse.Namespace) -> None:
         out=args.out,
         per_class=args.per_class,
         device=_device(args.device),
+        solver=args.solver,
+        sweep=args.sweep,
+        n_masks=args.masks,
     )
     print(report.to_markdown())
     if args.out:
         print(f"report: {Path(args.out) / 'probe.md'}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from megapixel.finetune import finetune_command, settings_from
+
+    settings = settings_from(
+        {"clf_weight": args.clf_weight, "lr": args.lr, "steps": args.steps, "batch_size": args.batch_size}
+    )
+    result = finetune_command(args.checkpoint, args.out, args.shards, args.per_class, settings, _device(args.device))
+    held = "" if result.val_accuracy is None else f", held-out {100 * result.val_accuracy:.1f}%"
+    print(
+        f"fine-tuned on {result.n_train:,} labelled images, kept step {result.best_step} of {result.steps_run}{held}: "
+        f"test accuracy {100 * result.accuracy:.1f}%"
+    )
+    if args.out:
+        print(f"fine-tuned run: {args.out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from megapixel.evaluate import report_command
+    from megapixel.finetune import settings_from
+
+    settings = settings_from({"steps": args.finetune_steps, "lr": args.finetune_lr})
+    report = report_command(
+        args.checkpoint,
+        args.out,
+        args.shards,
+        per_class=args.per_class,
+        seeds=tuple(range(args.seeds)),
+        finetune_settings=settings,
+        device=_device(args.device),
+    )
+    print(report.to_markdown())
+    print(f"report: {Path(args.out) / 'report.md'} (plot: {Path(args.out) / 'sweep.png'})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -170,9 +207,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_layers, default=None, help="blocks to concatenate, e.g. 1,2 (default: middle)")
     p.add_argument("--shards", help="labelled shard set (default: the run's)")
     p.add_argument("--per-class", type=_per_class, default=[None, 10], help="labellings, e.g. all,10 (default)")
-    p.add_argument("--out", help="folder for probe.md and probe.json")
+    p.add_argument("--out", help="folder for probe.md and probe.json (and sweep.png)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--solver", choices=("sklearn", "torch"), default="sklearn", help="torch: L-BFGS on --device")
+    p.add_argument("--sweep", action="store_true", help="also probe each layer alone (default layers: all)")
+    p.add_argument("--masks", type=int, default=5, help="random masks averaged for BERT models (default 5)")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint with a classification head (L_gen + lambda L_clf)")
+    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("--shards", help="labelled shard set (default: the run's)")
+    p.add_argument("--out", help="new folder for the fine-tuned run and finetune.json")
+    p.add_argument("--per-class", type=int, default=None, help="labels per class (default: all)")
+    p.add_argument("--clf-weight", type=float, default=None, help="lambda in L_gen + lambda L_clf (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4)")
+    p.add_argument("--steps", type=int, default=None, help="most steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("report", help="raw pixels vs best layer vs concatenated layers vs fine-tuning, as markdown")
+    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("--out", default="report", help="folder for report.md, report.json, sweep.png (default ./report)")
+    p.add_argument("--shards", help="labelled shard set (default: the run's)")
+    p.add_argument("--per-class", type=_per_class, default=[None, 1, 5, 10], help="labellings (default all,1,5,10)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per few-label row (default 3)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="most fine-tuning steps (default 300)")
+    p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 3e-4)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

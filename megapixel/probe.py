@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
@@ -28,6 +29,7 @@ from megapixel.checkpoint import load_model
 from megapixel.data.shards import read_manifest
 from megapixel.data.stream import make_loader
 from megapixel.errors import ConfigError, DataError
+from megapixel.features import check_layers, iter_features
 from megapixel.model.igpt import IGPT
 from megapixel.palette import load_palette
 from megapixel.sample import check_shards_palette
@@ -51,21 +53,14 @@ class ProbeResult:
     c_choice: str = "validation"
     # False when L-BFGS stopped at MAX_ITER iterations (a usable probe, slightly short of the optimum).
     converged: bool = True
+    # Accuracy of the chosen C on the held-out slice (None when C was not chosen there): what layers are
+    # compared on, so that the test set picks nothing.
+    val_accuracy: float | None = None
 
 
 def default_probe_layers(n_layer: int) -> list[int]:
     """The middle block alone: where the paper finds the best single-layer probe (the last costs points)."""
     return [n_layer // 2]
-
-
-def check_layers(layers: Sequence[int], n_layer: int) -> list[int]:
-    """The layers as a list, or a ConfigError naming the first one the model does not have."""
-    if not layers:
-        raise ConfigError("the probe needs at least one layer, e.g. --layers 2")
-    for layer in layers:
-        if not 0 <= layer < n_layer:
-            raise ConfigError(f"layer {layer} is out of range: the model has blocks 0..{n_layer - 1}")
-    return list(layers)
 
 
 def extract_features(
@@ -88,25 +83,22 @@ def _pass(
     layers: list[int],
     device: str | torch.device,
     palette: np.ndarray | None,
+    n_masks: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Features, labels and (when a palette is given) raw pixels of every sample, in one pass."""
-    layers = check_layers(layers, model.cfg.n_layer)
     feats, labels, pixels = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                feats.append(model.features(batch["tokens"].to(device), layers).cpu().numpy())
-                labels.append(batch["labels"].cpu().numpy())
-                if palette is not None:
-                    pixels.append(raw_pixel_features(batch["tokens"], palette))
-    finally:
-        model.train(was_training)
+    for f, y, tokens in iter_features(model, loader, layers, device, n_masks=n_masks):
+        feats.append(f)
+        labels.append(y)
+        if palette is not None:
+            pixels.append(raw_pixel_features(tokens, palette))
     if not feats:
         raise DataError("the probe got no images: the split is empty")
     raw = np.concatenate(pixels) if palette is not None else None
     return np.concatenate(feats).astype(np.float32, copy=False), np.concatenate(labels), raw
+
+
+SOLVERS = ("sklearn", "torch")
 
 
 def fit_probe(
@@ -117,14 +109,20 @@ def fit_probe(
     *,
     C: float | None = None,
     seed: int = 0,
+    solver: str = "sklearn",
+    device: str | torch.device = "cpu",
 ) -> ProbeResult:
-    """Standardise, fit L-BFGS logistic regression (C given, or chosen from C_GRID on a stratified 20% slice
-    of the training set and refitted on all of it), and score it on the test set."""
+    """Standardise, fit L2-regularised logistic regression (C given, or chosen from C_GRID on a stratified 20%
+    slice of the training set and refitted on all of it), and score it on the test set. `solver` "sklearn" is
+    scikit-learn's L-BFGS; "torch" minimises the same objective with torch's full-batch L-BFGS on `device`."""
+    if solver not in SOLVERS:
+        raise ConfigError(f"unknown probe solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     if len(np.unique(train_y)) < 2:
         raise DataError("the probe needs training images of at least two classes")
     if len(test_y) == 0:
         raise DataError("the probe needs labelled test images")
-    c_choice = "given"
+    fit = _fit_sklearn if solver == "sklearn" else _torch_fitter(device)
+    c_choice, val_accuracy = "given", None
     # L-BFGS makes thousands of skinny (N x d) @ (d x classes) products; BLAS and OpenMP threads spend more on
     # waking each other than they save. On the 2-core CI machine one thread fitted 1438x128 features 50x
     # faster and 10000x1536 7x faster than two.
@@ -138,21 +136,75 @@ def fit_probe(
                 # A class with a single sample, or fewer held-out slots than classes: no fair validation split.
                 C, c_choice = DEFAULT_C, "default"
             else:
-                scores = [_fit(fit_x, fit_y, c, seed).score(val_x, val_y) for c in C_GRID]
+                scores = [fit(fit_x, fit_y, c, seed).score(val_x, val_y) for c in C_GRID]
                 # Ties go to the smaller C (the stronger regulariser), which generalises at least as well.
-                C, c_choice = C_GRID[int(np.argmax(scores))], "validation"
-        final = _fit(train_x, train_y, C, seed)
+                C, c_choice, val_accuracy = C_GRID[int(np.argmax(scores))], "validation", float(max(scores))
+        final = fit(train_x, train_y, C, seed)
         accuracy = float(final.score(test_x, test_y))
-    converged = bool(final[-1].n_iter_.max() < MAX_ITER)
-    return ProbeResult(accuracy, float(C), len(train_y), c_choice, converged)
+    return ProbeResult(accuracy, float(C), len(train_y), c_choice, final.converged, val_accuracy)
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> Pipeline:
+class _Fitted:
+    """A fitted probe, whichever solver made it: its accuracy on a set, and whether it converged."""
+
+    def __init__(self, predict: Any, converged: bool) -> None:
+        self.predict = predict
+        self.converged = converged
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean(self.predict(x) == np.asarray(y)))
+
+
+def _fit_sklearn(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> _Fitted:
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=MAX_ITER, random_state=seed))
     with warnings.catch_warnings():
         # Weakly regularised fits on separable features can run to MAX_ITER; the result records it instead.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return model.fit(x, y)
+        model.fit(x, y)
+    return _Fitted(model.predict, bool(model[-1].n_iter_.max() < MAX_ITER))
+
+
+def _torch_fitter(device: str | torch.device) -> Any:
+    def fit(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> _Fitted:
+        return _fit_torch(x, y, C, seed, torch.device(device))
+
+    return fit
+
+
+def _fit_torch(x: np.ndarray, y: np.ndarray, C: float, seed: int, device: torch.device) -> _Fitted:
+    """scikit-learn's objective, 0.5 |W|^2 + C * sum of cross-entropies (bias unpenalised), divided by C * N so
+    its scale does not grow with N, minimised by full-batch L-BFGS on `device` after standardising."""
+    classes = np.unique(y)
+    xt = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+    mean, std = xt.mean(0), xt.std(0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))  # constant features carry nothing; leave them at 0
+    xt = (xt - mean) / std
+    yt = torch.as_tensor(np.searchsorted(classes, y), device=device)
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(xt.shape[1], len(classes), device=device)
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(), max_iter=MAX_ITER, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe"
+    )
+    penalty = 1.0 / (2.0 * C * len(yt))
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(xt), yt) + penalty * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    converged = optimizer.state[optimizer._params[0]]["n_iter"] < MAX_ITER
+
+    @torch.no_grad()
+    def predict(data: np.ndarray) -> np.ndarray:
+        d = (torch.as_tensor(np.asarray(data, dtype=np.float32), device=device) - mean) / std
+        return classes[linear(d).argmax(1).cpu().numpy()]
+
+    return _Fitted(predict, bool(converged))
 
 
 def low_label_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -212,6 +264,8 @@ class ProbeReport:
     layers: list[int]
     n_test: int
     rows: list[ProbeRow] = field(default_factory=list)
+    # With a sweep: one all-labels probe per layer of `layers`, on that layer alone.
+    sweep: list[ProbeResult] | None = None
 
     def to_markdown(self) -> str:
         """A markdown table: one row per labelling, columns raw pixels and features."""
@@ -223,11 +277,18 @@ class ProbeReport:
             "|---|---|---|",
         ]
         lines += [f"| {row.name} | {_cell(row.raw_pixels)} | {_cell(row.features)} |" for row in self.rows]
-        return "\n".join(lines) + "\n"
+        if self.sweep is not None:
+            from megapixel.evaluate import sweep_markdown
+
+            lines += ["", "Layer sweep, all labels, one layer at a time:", "", sweep_markdown(self.layers, self.sweep)]
+        return "\n".join(lines).rstrip("\n") + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-able data."""
-        return {"layers": self.layers, "n_test": self.n_test, "rows": [row.to_dict() for row in self.rows]}
+        data = {"layers": self.layers, "n_test": self.n_test, "rows": [row.to_dict() for row in self.rows]}
+        if self.sweep is not None:
+            data["sweep"] = [asdict(r) for r in self.sweep]
+        return data
 
 
 def probe(
@@ -239,9 +300,13 @@ def probe(
     seeds: Sequence[int] = (0, 1, 2),
     device: str | torch.device = "cpu",
     batch_size: int = 256,
+    solver: str = "sklearn",
+    sweep: bool = False,
+    n_masks: int = 5,
 ) -> ProbeReport:
-    """Probe features of `layers` against raw pixels on a shard set: train on its train split (all labels, or
-    N per class averaged over `seeds`), score on its val split."""
+    """Probe features of `layers` (concatenated) against raw pixels on a shard set: train on its train split (all
+    labels, or N per class averaged over `seeds`), score on its val split. With `sweep`, also probe each layer
+    alone with all labels. A BERT model's features average over `n_masks` random masks."""
     layers = check_layers(layers, model.cfg.n_layer)
     if not seeds:
         raise ConfigError("the probe needs at least one seed")
@@ -252,7 +317,7 @@ def probe(
     splits = {}
     for split in ("train", "val"):
         loader = make_loader(shard_dir, split, batch_size, infinite=False, n_px=model.cfg.n_px)
-        feats, labels, raw = _pass(model, loader, layers, device, palette)
+        feats, labels, raw = _pass(model, loader, layers, device, palette, n_masks)
         keep = labels >= 0
         if not keep.any():
             raise DataError(f"the probe needs labelled shards: {shard_dir}'s {split} split has no labelled images")
@@ -260,13 +325,20 @@ def probe(
     (train_f, train_raw, train_y), (test_f, test_raw, test_y) = splits["train"], splits["val"]
 
     report = ProbeReport(layers=layers, n_test=len(test_y))
+    fit = partial(fit_probe, solver=solver, device=device)
     for n in per_class:
         row = ProbeRow(per_class=n, features=[], raw_pixels=[])
         for seed in seeds if n is not None else seeds[:1]:
             idx = np.arange(len(train_y)) if n is None else low_label_subset(train_y, n, seed)
-            row.features.append(fit_probe(train_f[idx], train_y[idx], test_f, test_y, seed=seed))
-            row.raw_pixels.append(fit_probe(train_raw[idx], train_y[idx], test_raw, test_y, seed=seed))
+            row.features.append(fit(train_f[idx], train_y[idx], test_f, test_y, seed=seed))
+            row.raw_pixels.append(fit(train_raw[idx], train_y[idx], test_raw, test_y, seed=seed))
         report.rows.append(row)
+    if sweep:
+        from megapixel.evaluate import layer_sweep
+
+        report.sweep = layer_sweep(
+            (train_f, train_y), (test_f, test_y), layers, model.cfg.n_embd, solver=solver, device=device
+        )
     return report
 
 
@@ -277,21 +349,34 @@ def probe_command(
     out: str | None,
     per_class: Sequence[int | None],
     device: str,
+    *,
+    solver: str = "sklearn",
+    sweep: bool = False,
+    n_masks: int = 5,
 ) -> ProbeReport:
-    """Load a checkpoint and probe it on `shards` (else the run's shard set); write probe.md and probe.json
-    into `out` when given."""
+    """Load a checkpoint and probe it on `shards` (else the run's shard set); write probe.md and probe.json (and
+    with `sweep`, sweep.png: accuracy against depth) into `out` when given. A sweep defaults to every layer."""
     model, cfg, palette = load_model(ckpt, device=device)
     shard_dir = shards or cfg.data.shards
     if not shard_dir:
         raise DataError("the probe needs labelled shards: pass --shards")
     check_shards_palette(shard_dir, palette)
-    layers = check_layers(layers, model.cfg.n_layer) if layers is not None else default_probe_layers(model.cfg.n_layer)
-    report = probe(model, shard_dir, layers, per_class=per_class, device=device)
+    if layers is not None:
+        layers = check_layers(layers, model.cfg.n_layer)
+    else:
+        layers = list(range(model.cfg.n_layer)) if sweep else default_probe_layers(model.cfg.n_layer)
+    report = probe(
+        model, shard_dir, layers, per_class=per_class, device=device, solver=solver, sweep=sweep, n_masks=n_masks
+    )
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         _write_atomic(folder / "probe.md", report.to_markdown())
         _write_atomic(folder / "probe.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        if report.sweep is not None:
+            from megapixel.evaluate import plot_sweep
+
+            plot_sweep(report.layers, report.sweep, folder / "sweep.png", f"linear probe by depth: {Path(ckpt).name}")
     return report
 
 

@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from megapixel.config import ModelConfig, from_dict
 from megapixel.data.shards import read_manifest, write_shards
 from megapixel.data.sources import ArraySource
 from megapixel.errors import ConfigError, DataError
+from megapixel.evaluate import concat_window, report_command
+from megapixel.finetune import FinetuneSettings
 from megapixel.model.igpt import IGPT
 from megapixel.probe import (
     C_GRID,
@@ -31,6 +34,15 @@ from megapixel.train import train
 
 N_PX = 4
 N_VOCAB = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models and probes gain nothing from a second thread on a busy two-core runner."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_model() -> IGPT:
@@ -223,3 +235,88 @@ def test_probe_command_writes_probe_md_and_json_and_nothing_for_a_bad_layer(tmp_
     assert (tmp_path / "report" / "probe.md").read_text() == report.to_markdown()
     assert json.loads((tmp_path / "report" / "probe.json").read_text()) == report.to_dict()
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["probe.json", "probe.md"]
+
+
+def test_the_torch_solver_separates_separable_features_and_agrees_with_scikit_learn():
+    x, y = separable(60)
+    order = np.random.permutation(len(y))
+    train, test = order[:120], order[120:]
+    result = fit_probe(x[train], y[train], x[test], y[test], solver="torch")
+    assert result.accuracy == 1.0 and result.C in C_GRID and result.val_accuracy == 1.0
+    # Overlapping clusters: both solvers minimise the same convex objective at the same C, so they classify the
+    # same points; a few test points sitting on the boundary may fall either way.
+    rng = np.random.default_rng()
+    centres = rng.normal(size=(3, 10))
+    labels = rng.integers(0, 3, 600)
+    points = centres[labels] + rng.normal(size=(600, 10))
+    kwargs = dict(C=0.1)
+    a = fit_probe(points[:400], labels[:400], points[400:], labels[400:], solver="torch", **kwargs)
+    b = fit_probe(points[:400], labels[:400], points[400:], labels[400:], solver="sklearn", **kwargs)
+    assert abs(a.accuracy - b.accuracy) <= 0.02
+
+
+def test_an_unknown_solver_is_a_config_error():
+    x, y = separable(5)
+    with pytest.raises(ConfigError, match="unknown probe solver"):
+        fit_probe(x, y, x, y, solver="sgd")
+
+
+def test_concat_window_is_five_layers_around_the_best_within_the_model():
+    assert concat_window(12, 24) == [10, 11, 12, 13, 14]
+    assert concat_window(0, 24) == [0, 1, 2, 3, 4]
+    assert concat_window(23, 24) == [19, 20, 21, 22, 23]
+    assert concat_window(2, 4) == [0, 1, 2, 3]
+
+
+def test_probe_command_sweep_writes_one_result_per_layer_and_a_plot(tmp_path):
+    shards = write_image_shards(tmp_path)
+    cfg = from_dict(
+        {
+            "model": {"n_layer": 3, "n_embd": 32, "n_head": 2, "n_px": N_PX, "n_vocab": N_VOCAB},
+            "data": {"shards": str(shards)},
+            "train": {"run_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 4, "progress": False},
+        }
+    )
+    train(cfg)
+    report = probe_command(str(tmp_path / "run"), None, None, str(tmp_path / "out"), [None], "cpu", sweep=True)
+    assert report.layers == [0, 1, 2] and len(report.sweep) == 3
+    assert "| layer | test accuracy | held-out accuracy | C |" in report.to_markdown()
+    assert len(json.loads((tmp_path / "out" / "probe.json").read_text())["sweep"]) == 3
+    with Image.open(tmp_path / "out" / "sweep.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100
+
+
+@pytest.mark.slow
+def test_the_report_compares_raw_pixels_layers_and_fine_tuning_for_each_labelling(tmp_path):
+    shards = write_image_shards(tmp_path, n=100)
+    cfg = from_dict(
+        {
+            "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_px": N_PX, "n_vocab": N_VOCAB},
+            "data": {"shards": str(shards)},
+            "train": {"run_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 4, "progress": False},
+        }
+    )
+    train(cfg)
+    settings = FinetuneSettings(steps=4, batch_size=8, eval_every=2)
+    report = report_command(
+        str(tmp_path / "run"),
+        str(tmp_path / "report"),
+        None,
+        per_class=[None, 2],
+        seeds=(0, 1),
+        finetune_settings=settings,
+        few_label_finetune_steps=3,
+        progress=False,
+    )
+    full, few = report.rows
+    assert [len(full.raw_pixels), len(full.best_layer), len(full.concatenated), len(full.finetuned)] == [1, 1, 1, 1]
+    assert [len(few.raw_pixels), len(few.best_layer), len(few.concatenated), len(few.finetuned)] == [2, 2, 2, 1]
+    assert few.finetuned[0].steps_run == 3 and few.finetuned[0].n_train == 4
+    # The best layer is the one the held-out slice prefers, never the test set.
+    assert report.best_layer == int(np.argmax([r.val_accuracy for r in report.sweep]))
+    assert report.concat_layers == [0, 1]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert text == report.to_markdown()
+    assert f"| labelling | raw pixels | best layer ({report.best_layer}) | layers 0, 1 | fine-tuned |" in text
+    assert "| 2 per class (4, 2 seeds) |" in text
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.json", "report.md", "sweep.png"]
