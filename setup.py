@@ -26,6 +26,6 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"test": ["pytest", "ruff", "transformers>=5"]},
     entry_points={"console_scripts": ["megapixel=megapixel.cli:main"]},
 )
