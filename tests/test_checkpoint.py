@@ -22,14 +22,7 @@ from megapixel.errors import CheckpointError
 from megapixel.palette import palette_hash, save_palette
 from megapixel.train import build_engine, deepspeed_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A two-block model gains nothing from a second thread, and on a busy two-core runner threads fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(run_dir: Path, zero_stage: int = 0, objective: str = "ar"):

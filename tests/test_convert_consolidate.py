@@ -24,13 +24,7 @@ from megapixel.palette import save_palette
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A two-block model gains nothing from a second thread, and on a busy two-core runner threads fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def engine_weights(engine) -> dict[str, torch.Tensor]:

@@ -27,13 +27,7 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
 N_VOCAB, N_PX = 32, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two-block models gain nothing from a second thread, and on a busy two-core runner threads fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(n_classes: int = 0, objective: str = "ar"):

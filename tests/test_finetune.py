@@ -26,13 +26,7 @@ N_PX = 4
 N_VOCAB = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread on a busy two-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(objective: str = "ar", n_classes: int = 3) -> IGPT:

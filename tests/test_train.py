@@ -24,13 +24,7 @@ from megapixel.train import build_engine, deepspeed_config, train
 LOG_FIELDS = {"step", "loss", "lr", "tokens_per_s", "time"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A two-block model gains nothing from a second thread, and on a busy two-core runner threads fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
