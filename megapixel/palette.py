@@ -155,3 +155,55 @@ def palette_hash(palette: np.ndarray) -> str:
     """A short fingerprint of a palette: the first 16 hex digits of sha256 of its float32 bytes."""
     data = np.ascontiguousarray(np.asarray(palette, dtype=np.float32))
     return hashlib.sha256(data.tobytes()).hexdigest()[:16]
+
+
+# Bits per channel of a packed colour sum in `PaletteDownsampler`: three fields in an int64, each
+# holding up to 255 * f * f (f <= 90).
+_SUM_BITS = 21
+
+
+class PaletteDownsampler:
+    """Area-downsamples token images by an integer factor through a palette: decode, average each f x f
+    block (rounded to uint8), re-encode to the nearest colour, exactly as `encode_pixels` would.
+
+    Each token's colour is packed into one int64 (a 21-bit field per channel), so a block's channel
+    sums are one gather and one add per pixel. The nearest centre of each averaged colour is
+    remembered in a table over all 2^24 colours, filled as colours turn up: the kd-tree is asked once
+    per distinct colour over the object's life (images repeat colours: a stream soon asks it almost
+    never); the table is allocated zeroed, so memory holds only the pages of colours seen.
+    """
+
+    def __init__(self, palette: np.ndarray, factor: int) -> None:
+        assert factor >= 1 and 255 * factor * factor < 1 << _SUM_BITS, f"factor {factor} out of range"
+        self.palette = check_palette(palette, "the palette")
+        self.factor = factor
+        rgb = decode_tokens(np.arange(len(self.palette)), self.palette).astype(np.int64)
+        self._packed = (rgb[:, 0] << 2 * _SUM_BITS) | (rgb[:, 1] << _SUM_BITS) | rgb[:, 2]
+        # Channel sum -> rounded mean, as np.rint(sum / f^2) (half to even) of the float reference.
+        self._mean = np.rint(np.arange(255 * factor * factor + 1) / (factor * factor)).astype(np.int64)
+        # Token + 1 per colour (0: not looked up yet).
+        self._nearest = np.zeros(1 << 24, dtype=np.uint16 if len(self.palette) < 65536 else np.uint32)
+
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        """(B, n * n) tokens of n x n images -> (B, (n/f) * (n/f)) uint16 tokens."""
+        batch, length = tokens.shape
+        n = round(length**0.5)
+        f, m = self.factor, n // self.factor
+        assert n * n == length and m * f == n, f"{length} tokens are not a square image divisible by {f}"
+        # Rows of f pixels, then columns of f rows, summed by strided adds (numpy's multi-axis sum is ~10x slower).
+        wide = self._packed[tokens].reshape(batch * n, m, f)
+        rows = sum(wide[:, :, i] for i in range(f))
+        tall = rows.reshape(batch, m, f, m)
+        sums = sum(tall[:, :, i] for i in range(f))
+        mask = (1 << _SUM_BITS) - 1
+        mean = self._mean
+        colours = (mean[sums >> 2 * _SUM_BITS] << 16) | (mean[(sums >> _SUM_BITS) & mask] << 8) | mean[sums & mask]
+        colours = colours.reshape(-1)
+        found = self._nearest[colours]
+        missing = np.flatnonzero(found == 0)
+        if len(missing):
+            new = np.unique(colours[missing])
+            rgb = np.stack([new >> 16, (new >> 8) & 255, new & 255], axis=1).astype(np.uint8)
+            self._nearest[new] = encode_pixels(rgb, self.palette).astype(self._nearest.dtype) + 1
+            found[missing] = self._nearest[colours[missing]]
+        return (found - 1).astype(np.uint16).reshape(batch, m * m)

@@ -280,6 +280,21 @@ def test_the_inspect_tool_reports_a_sound_set_writes_pngs_and_flags_a_damaged_sh
     assert main([str(tmp_path / "nowhere")]) == 2
 
 
+def test_the_inspect_tool_names_a_truncated_shard_in_one_line_and_writes_no_previews_from_a_damaged_set(
+    shard_set, tmp_path, capsys
+):
+    from tools.inspect_shards import main
+
+    path = shard_set / "train-000000.tar"
+    path.write_bytes(path.read_bytes()[:700])
+    assert main([str(shard_set), "--png", str(tmp_path / "png")]) == 1
+    problems = [line for line in capsys.readouterr().out.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 2
+    assert problems[0] == "problem: train-000000.tar: checksum differs from the manifest (changed or truncated)"
+    assert problems[1].startswith(f"problem: {path} is truncated or damaged (")
+    assert not (tmp_path / "png").exists()
+
+
 def test_a_multi_crop_set_stores_k_random_crops_per_training_image_and_the_stream_reads_one_per_epoch(tmp_path):
     from megapixel.data.stream import make_loader
 
@@ -307,3 +322,88 @@ def test_a_multi_crop_set_stores_k_random_crops_per_training_image_and_the_strea
         assert {(name, image) for hits in found for name, image, _ in hits} == images  # each image once
         crops_seen |= {crop for hits in found for _, _, crop in hits}
     assert crops_seen == {0, 1, 2}  # 66 draws of one crop in 3: all three occur (miss one: < 1e-11)
+
+
+def make_imagenet_like(root, rng: np.random.Generator) -> tuple[dict, dict]:
+    """A train tree of classes a, b, c (2 PNGs each) and a val folder of 3 wide PNGs of classes b and c
+    labelled by a LOC_val_solution.csv; returns {key: image} of each."""
+    from PIL import Image
+
+    train, val = {}, {}
+    for name in ("a", "b", "c"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            train[f"{name}/{i}.png"] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(train[f"{name}/{i}.png"]).save(root / "train" / name / f"{i}.png")
+    (root / "val").mkdir()
+    rows = []
+    for i, wnid in enumerate(["c", "b", "c"]):
+        val[f"v{i}.png"] = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+        Image.fromarray(val[f"v{i}.png"]).save(root / "val" / f"v{i}.png")
+        rows.append(f"v{i},{wnid} 0 0 1 1")
+    (root / "val" / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    return train, val
+
+
+def test_a_separate_val_source_is_the_val_split_centre_cropped_and_labelled_with_the_train_classes(tmp_path):
+    train, val = make_imagenet_like(tmp_path, np.random.default_rng())
+    source, val_source = open_source(str(tmp_path / "train")), open_source(str(tmp_path / "val"))
+    assert val_source.label_names == ["b", "c"]  # its own numbering: b is 0 there, 1 in the train tree
+    manifest = write_shards(
+        source, tmp_path / "s", n_px=4, k=8, val_fraction=0, val_source=val_source, train_crops=2, progress=False
+    )
+    assert manifest["label_names"] == ["a", "b", "c"] and manifest["val_source"] == val_source.name
+    assert (manifest["splits"]["train"]["count"], manifest["splits"]["val"]["count"]) == (6, 3)
+    palette = load_palette(tmp_path / "s" / "palette.npy")
+    members = read_tar(tmp_path / "s" / "val-000000.tar")
+    assert json.loads(members["samples.keys"]) == ["v0.png", "v1.png", "v2.png"]  # in the source's order
+    assert np.frombuffer(members["samples.cls"], dtype="<i4").tolist() == [2, 1, 2]
+    expected = encode_pixels(np.stack([resize_image(val[f"v{i}.png"], 4) for i in range(3)]), palette)
+    np.testing.assert_array_equal(np.frombuffer(members["samples.tok"], dtype="<u2").reshape(3, 4, 4), expected)
+    train_keys = [
+        k
+        for s in manifest["splits"]["train"]["shards"]
+        for k in json.loads(read_tar(tmp_path / "s" / s["name"])["samples.keys"])
+    ]
+    assert sorted(train_keys) == sorted(train)  # every training image, none held out
+    assert verify_shards(tmp_path / "s") == []
+
+
+def test_a_val_source_is_refused_with_a_val_fraction_or_with_classes_the_train_source_lacks(tmp_path):
+    make_imagenet_like(tmp_path, np.random.default_rng())
+    source, val_source = open_source(str(tmp_path / "train")), open_source(str(tmp_path / "val"))
+    with pytest.raises(DataError, match="a validation source and a validation fraction"):
+        write_shards(source, tmp_path / "s", n_px=4, k=8, val_fraction=0.1, val_source=val_source, progress=False)
+    (tmp_path / "val" / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nv0,c 0\nv1,z 0\nv2,b 0\n")
+    with pytest.raises(DataError, match="has 1 classes that .* lacks \\(first: z\\)"):
+        write_shards(
+            source,
+            tmp_path / "s",
+            n_px=4,
+            k=8,
+            val_fraction=0,
+            val_source=open_source(str(tmp_path / "val")),
+            progress=False,
+        )
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_shards_command_skips_truncated_and_unreadable_images_and_prints_their_paths(tmp_path, capsys):
+    from PIL import Image
+
+    from megapixel.cli import main
+
+    rng = np.random.default_rng()
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.jpg")
+    truncated, garbage = tmp_path / "imgs" / "a" / "1.jpg", tmp_path / "imgs" / "a" / "x.png"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    garbage.write_bytes(b"not a png")
+    assert main(["shards", str(tmp_path / "imgs"), str(tmp_path / "s"), "--n-px", "4", "--palette-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped 2 unreadable files (all listed in {tmp_path / 's' / 'manifest.json'}):" in out
+    assert f"  {truncated}: " in out and f"  {garbage}: " in out
+    manifest = read_manifest(tmp_path / "s")
+    assert sorted(path for path, _ in manifest["skipped"]) == sorted([str(truncated), str(garbage)])
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 3

@@ -189,7 +189,8 @@ def test_a_batch_larger_than_the_split_straddles_epochs_without_losing_samples(s
 
 def test_downsampling_through_the_palette_averages_each_block_and_re_encodes(shards):
     full = next(iter(make_loader(shards, "val", 4, infinite=False)))["tokens"].numpy()
-    half = next(iter(make_loader(shards, "val", 4, infinite=False, n_px=N_PX // 2)))["tokens"].numpy()
+    half = next(iter(make_loader(shards, "val", 4, infinite=False, n_px=N_PX // 2, downsample=True)))
+    half = half["tokens"].numpy()
     palette = load_palette(Path(shards) / "palette.npy")
     rgb = decode_tokens(full, palette).reshape(-1, 2, 2, 2, 2, 3).astype(np.float64)
     expected = encode_pixels(np.rint(rgb.mean(axis=(2, 4))).astype(np.uint8), palette).reshape(-1, 4)
@@ -206,18 +207,39 @@ def test_a_position_from_another_shard_set_is_refused_and_an_old_one_warns(shard
     assert loader.state_dict()["consumed"] == 2 * 36 + 12
 
 
-def test_a_truncated_shard_is_named_when_streamed(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_truncated_shard_is_named_in_one_line_when_streamed(tmp_path, num_workers):
     make_shard_set(tmp_path / "set", samples_per_shard=6)
     path = tmp_path / "set" / "shards" / "train-000002.tar"
     path.write_bytes(path.read_bytes()[:600])
-    with pytest.raises(DataError, match="train-000002.tar is truncated"):
+    loader = make_loader(str(tmp_path / "set" / "shards"), "train", 6, infinite=False, num_workers=num_workers)
+    with pytest.raises(DataError, match="train-000002.tar is truncated") as error:
+        list(loader)
+    assert "\n" not in str(error.value)  # not wrapped in a data-loader worker's traceback
+
+
+def test_a_lower_model_resolution_is_refused_unless_downsampling_is_asked_for(shards):
+    with pytest.raises(DataError, match="holds 4x4 images but the model expects 2x2: set data.downsample=true"):
+        make_loader(shards, "train", 4, n_px=2)
+    assert next(iter(make_loader(shards, "train", 4, n_px=2, downsample=True)))["tokens"].shape == (4, 4)
+    with pytest.raises(DataError, match="cannot be downsampled to the model's 3x3"):
+        make_loader(shards, "train", 4, n_px=3, downsample=True)
+
+
+def test_a_shard_with_a_token_outside_the_palette_is_named_when_streamed(tmp_path):
+    make_shard_set(tmp_path / "set", samples_per_shard=6)
+    path = tmp_path / "set" / "shards" / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[512 + 2 * 5 : 512 + 2 * 6] = b"\xff\xff"  # token 5 of the first image (the data follows a 512-byte header)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-000001.tar holds token 65535, outside the 64-colour palette"):
         list(make_loader(str(tmp_path / "set" / "shards"), "train", 6, infinite=False))
 
 
 def test_loader_arguments_are_checked_against_the_shard_set(shards, tmp_path):
-    with pytest.raises(DataError, match="holds 4x4 images but the model expects 32x32"):
+    with pytest.raises(DataError, match="holds 4x4 images but the model expects 32x32: set model.n_px=4"):
         make_loader(shards, "train", 4, n_px=32)
-    with pytest.raises(DataError, match="holds 4x4 images but the model expects 3x3"):
+    with pytest.raises(DataError, match="holds 4x4 images but the model expects 3x3: set model.n_px=4"):
         make_loader(shards, "train", 4, n_px=3)
     with pytest.raises(DataError, match="unknown split 'test'"):
         make_loader(shards, "test", 4)

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from megapixel.errors import DataError
-from megapixel.palette import decode_tokens, encode_pixels, fit_palette, load_palette, palette_hash, save_palette
+from megapixel.palette import (
+    PaletteDownsampler,
+    decode_tokens,
+    encode_pixels,
+    fit_palette,
+    load_palette,
+    palette_hash,
+    save_palette,
+)
 
 
 def distinct_colours(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -116,3 +124,33 @@ def test_load_palette_refuses_bad_files_naming_the_file(tmp_path, content, k, me
     with pytest.raises(DataError, match=message) as err:
         load_palette(path, k=k)
     assert "palette.npy" in str(err.value)
+
+
+def area_downsample_and_encode(tokens: np.ndarray, palette: np.ndarray, factor: int) -> np.ndarray:
+    """The definition: decode, average each factor x factor block in float64, round to uint8, encode."""
+    n = round(tokens.shape[1] ** 0.5)
+    m = n // factor
+    rgb = decode_tokens(tokens, palette).reshape(-1, m, factor, m, factor, 3).astype(np.float64)
+    return encode_pixels(np.rint(rgb.mean(axis=(2, 4))).astype(np.uint8), palette).reshape(len(tokens), m * m)
+
+
+@pytest.mark.parametrize("factor, n, k", [(2, 8, 512), (3, 9, 16), (4, 8, 7)])
+def test_palette_downsampling_equals_encoding_the_area_downsampled_decoded_image(factor, n, k):
+    rng = np.random.default_rng()
+    palette = rng.uniform(-1, 1, (k, 3)).astype(np.float32)
+    downsample = PaletteDownsampler(palette, factor)
+    for _ in range(3):  # later batches are answered partly from the colours the first ones looked up
+        tokens = rng.integers(0, k, (20, n * n)).astype(np.uint16)
+        got = downsample(tokens)
+        assert got.dtype == np.uint16 and got.shape == (20, (n // factor) ** 2)
+        np.testing.assert_array_equal(got, area_downsample_and_encode(tokens, palette, factor))
+
+
+def test_palette_downsampling_rounds_half_way_means_like_the_definition():
+    # The block [0, 0, 1, 1] averages to (0.5, 11.5, 252.5): rounding half up instead of half to even
+    # gives (1, 12, 253), whose nearest colour is 0, not 1.
+    palette = (np.array([[0, 10, 255], [1, 13, 250], [2, 200, 3]]) / 127.5 - 1).astype(np.float32)
+    tokens = np.array([[0, 1, 1, 1], [0, 0, 1, 1], [2, 0, 1, 2]], dtype=np.uint16)
+    np.testing.assert_array_equal(
+        PaletteDownsampler(palette, 2)(tokens), area_downsample_and_encode(tokens, palette, 2)
+    )

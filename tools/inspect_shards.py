@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = read_manifest(args.shards)
         problems = verify_shards(args.shards)
-        written = write_previews(args.shards, args.png, args.count, args.split) if args.png else []
+        # Previews read the shards: only from a sound set, so a damaged shard is reported once, as a problem.
+        written = write_previews(args.shards, args.png, args.count, args.split) if args.png and not problems else []
     except MegapixelError as e:
         print(f"inspect_shards: error: {e}", file=sys.stderr)
         return 2

@@ -89,7 +89,9 @@ def open_shard(
             labels = np.fromfile(path, dtype="<i4", count=count // crops, offset=cls.offset_data).astype(np.int64)
         return tokens, labels
     except (tarfile.TarError, OSError, ValueError, EOFError) as err:
-        raise DataError(f"{damaged} ({err}): copy it again or remake the shard set") from None
+        # tarfile's messages can span lines (a header dump); the first says what is wrong.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{damaged} ({reason}): copy it again or remake the shard set") from None
 
 
 def _read_v1(tar: tarfile.TarFile, members: dict, length: int, path: Path) -> tuple[np.ndarray, np.ndarray | None]:

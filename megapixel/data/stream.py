@@ -14,8 +14,8 @@ straddle two epochs; every epoch still yields each sample exactly once.
 Augmentation: a multi-crop set stores several of the paper's random crops per training image and
 an epoch reads one of them (drawn from seed, epoch and image; evaluation passes read the first). In
 token space: a horizontal flip (each raster row reversed), decided per global
-position; and, when the model's resolution divides the stored one, area downsampling through the
-palette (decode, average f x f blocks, re-encode to the nearest colour).
+position; and, when asked for (`downsample`) and the model's resolution divides the stored one, area
+downsampling through the palette (decode, average f x f blocks, re-encode to the nearest colour).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megapixel.data.shards import SPLITS, crops_of, open_shard, read_manifest
 from megapixel.errors import CheckpointError, DataError
-from megapixel.palette import decode_tokens, encode_pixels, load_palette
+from megapixel.palette import PaletteDownsampler, load_palette
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class StreamPlan:
     shard_counts: tuple[int, ...]
     version: int
     n_px: int  # stored resolution
+    n_vocab: int
     crops: int  # token rows stored per image (the training crops of a multi-crop set), one used per epoch
     out_px: int  # resolution handed out (n_px, or a divisor of it: downsampled)
     palette_path: str
@@ -86,8 +87,7 @@ class _Reader:
         self.ends = np.cumsum(plan.shard_counts)
         self.shards: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self.orders: dict[int, np.ndarray] = {}
-        self.colours: np.ndarray | None = None
-        self.palette: np.ndarray | None = None
+        self.downsampler: PaletteDownsampler | None = None
         n = plan.n_px
         self.flip_index = np.arange(n * n).reshape(n, n)[:, ::-1].reshape(-1)
 
@@ -99,6 +99,13 @@ class _Reader:
                 raise DataError(
                     f"{self.plan.shard_paths[number]} holds {len(tokens) // plan.crops} images, the manifest says "
                     f"{self.plan.shard_counts[number]}: the shard is damaged; copy it again or remake the set"
+                )
+            # One pass over a memory-mapped shard (~2 MB at 32x32): a corrupt token would otherwise
+            # surface as an index error deep inside the model's embedding.
+            if len(tokens) and int(tokens.max()) >= plan.n_vocab:
+                raise DataError(
+                    f"{plan.shard_paths[number]} holds token {int(tokens.max())}, outside the "
+                    f"{plan.n_vocab}-colour palette: the shard is corrupt; copy it again or remake the set"
                 )
             self.shards[number] = (tokens, labels)
         return self.shards[number]
@@ -139,12 +146,11 @@ class _Reader:
         return {"tokens": torch.from_numpy(tokens.astype(np.int64)), "labels": torch.from_numpy(labels)}
 
     def _downsample(self, tokens: np.ndarray) -> np.ndarray:
-        if self.palette is None:
-            self.palette = load_palette(self.plan.palette_path)
-        n, f = self.plan.out_px, self.plan.n_px // self.plan.out_px
-        rgb = decode_tokens(tokens, self.palette).reshape(len(tokens), n, f, n, f, 3).astype(np.float32)
-        small = np.rint(rgb.mean(axis=(2, 4))).astype(np.uint8)
-        return encode_pixels(small, self.palette).reshape(len(tokens), n * n)
+        if self.downsampler is None:
+            # Made once per worker: it remembers the nearest colour of every average it has seen.
+            palette = load_palette(self.plan.palette_path)
+            self.downsampler = PaletteDownsampler(palette, self.plan.n_px // self.plan.out_px)
+        return self.downsampler(tokens)
 
 
 def _mix(seed: int, values: np.ndarray) -> np.ndarray:
@@ -160,7 +166,8 @@ def _mix(seed: int, values: np.ndarray) -> np.ndarray:
 class TokenStream(IterableDataset):
     """One rank's batches from global position `start` on; each data-loader worker builds every workers-th one.
 
-    Yields `(j, batch)`: j is the batch's number since `start`, so the loader can put workers' batches in order.
+    Yields `(j, batch)`: j is the batch's number since `start`, so the loader can put workers' batches in order;
+    a damaged shard ends the stream with `(j, {"error": message})`.
     """
 
     def __init__(self, plan: StreamPlan, start: int, end: int | None) -> None:
@@ -178,7 +185,14 @@ class TokenStream(IterableDataset):
             stop = first + plan.batch_size if self.end is None else min(first + plan.batch_size, self.end)
             if stop <= first:
                 return
-            yield j, reader.batch(first, stop)
+            try:
+                batch = reader.batch(first, stop)
+            except DataError as err:
+                # Handed to the loader as data: raised in a data-loader worker, torch would re-raise it
+                # wrapped in the worker's traceback, not as the one-line message it is.
+                yield j, {"error": str(err)}
+                return
+            yield j, batch
             j += workers
 
 
@@ -221,6 +235,8 @@ class Loader:
         waiting: dict[int, dict[str, torch.Tensor]] = {}
         start, j = self._consumed, 0
         for number, batch in items:
+            if "error" in batch:
+                raise DataError(batch["error"])
             waiting[number] = batch
             while j in waiting:
                 self._consumed = start + (j + 1) * plan.world_size * plan.batch_size
@@ -274,6 +290,24 @@ class Loader:
         self._consumed = int(state["epoch"]) * self.plan.samples + min(done, self.plan.samples)
 
 
+def check_resolution(shard_dir: str | Path, stored: int, n_px: int, downsample: bool) -> None:
+    """DataError unless an n_px x n_px model reads shards stored at `stored`: equal, or with `downsample` a divisor."""
+    if n_px == stored or (downsample and n_px < stored and stored % n_px == 0):
+        return
+    if downsample:
+        raise DataError(
+            f"{shard_dir} holds {stored}x{stored} images, which cannot be downsampled to the model's "
+            f"{n_px}x{n_px} (data.downsample needs a model.n_px that divides {stored}): set model.n_px={stored} "
+            f"or make shards at {n_px}x{n_px}"
+        )
+    divides = n_px < stored and stored % n_px == 0
+    raise DataError(
+        f"{shard_dir} holds {stored}x{stored} images but the model expects {n_px}x{n_px}: "
+        + ("set data.downsample=true to downsample them while streaming, " if divides else "")
+        + f"set model.n_px={stored}, or make shards at {n_px}x{n_px}"
+    )
+
+
 def make_loader(
     shard_dir: str,
     split: str,
@@ -287,10 +321,12 @@ def make_loader(
     flip: bool = False,
     infinite: bool = True,
     n_px: int | None = None,
+    downsample: bool = False,
 ) -> Loader:
     """A loader of `split` from the shard set at `shard_dir` for one rank: shuffled forever, or one fixed pass.
 
-    `n_px` below the stored resolution (dividing it) downsamples on the fly through the palette."""
+    `n_px` is the model's resolution (default: the stored one); with `downsample`, one that divides the
+    stored resolution is made on the fly, through the palette."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     if batch_size < 1:
@@ -301,11 +337,8 @@ def make_loader(
         raise DataError(f"{num_workers} data-loader workers: must be 0 or more")
     manifest = read_manifest(shard_dir)
     stored = manifest["n_px"]
-    if n_px is not None and (n_px > stored or stored % n_px):
-        raise DataError(
-            f"{shard_dir} holds {stored}x{stored} images but the model expects {n_px}x{n_px}: "
-            f"set model.n_px to {stored} or a divisor of it, or make shards at that resolution"
-        )
+    if n_px is not None:
+        check_resolution(shard_dir, stored, n_px, downsample)
     shards = manifest["splits"][split]["shards"]
     if not shards or manifest["splits"][split]["count"] == 0:
         raise DataError(f"{shard_dir} has no {split} samples: remake the shard set with some (val_fraction > 0)")
@@ -314,6 +347,7 @@ def make_loader(
         shard_counts=tuple(s["count"] for s in shards),
         version=manifest["version"],
         n_px=stored,
+        n_vocab=manifest["n_vocab"],
         crops=crops_of(manifest, split),
         out_px=n_px or stored,
         palette_path=str(Path(shard_dir) / "palette.npy"),

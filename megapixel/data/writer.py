@@ -16,7 +16,7 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -49,10 +49,12 @@ def write_shards(
     progress: bool = True,
     workers: int = 0,
     train_crops: int = 0,
+    val_source: Source | None = None,
 ) -> dict:
     """Resize, palette-encode and split `source` into a shard set at `out_dir` (resuming an interrupted one);
     `workers` > 0 decodes in that many processes; `train_crops` > 0 stores that many of the paper's random
-    crops of each training image instead of its centre crop (the stream picks one per epoch). Returns the manifest."""
+    crops of each training image instead of its centre crop (the stream picks one per epoch); `val_source`
+    (with val_fraction 0) is the validation split instead of a held-out share. Returns the manifest."""
     out_dir = Path(out_dir)
     if n_px < 1:
         raise DataError(f"resolution {n_px}: must be a positive number of pixels")
@@ -64,8 +66,11 @@ def write_shards(
         raise DataError(f"{workers} workers: must be 0 (in this process) or more")
     if train_crops < 0:
         raise DataError(f"{train_crops} training crops: must be 0 (centre crop) or more")
+    if val_source is not None and val_fraction > 0:
+        raise DataError(f"a validation source and a validation fraction ({val_fraction}) were both given: choose one")
     if palette is not None:
         palette = check_palette(palette, "the given palette")
+    val_labels = _val_label_map(source, val_source) if val_source is not None else None
     recipe = {
         "format": FORMAT,
         "version": VERSION,
@@ -79,9 +84,12 @@ def write_shards(
         "seed": seed,
         "train_crops": train_crops,
     }
+    if val_source is not None:
+        recipe.update(val_source=val_source.name, val_images=len(val_source))
     fresh = _claim(out_dir, recipe)
+    sources = Sources(source, val_source or source, val_labels)
     try:
-        return _write(source, out_dir, recipe, palette, progress, workers)
+        return _write(sources, out_dir, recipe, palette, progress, workers)
     except DataError:
         if fresh:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -112,14 +120,14 @@ def _claim(out_dir: Path, recipe: dict) -> bool:
     return False
 
 
-def _write(source: Source, out: Path, recipe: dict, palette: np.ndarray | None, progress: bool, workers: int) -> dict:
+def _write(sources: Sources, out: Path, recipe: dict, palette: np.ndarray | None, progress: bool, workers: int) -> dict:
     n_px, seed = recipe["n_px"], recipe["seed"]
-    plan = _plan(len(source), recipe)
+    plan = _plan(len(sources.train), recipe)
     if (out / "palette.npy").is_file():
         palette = load_palette(out / "palette.npy")
     else:
         if palette is None:
-            palette = _fit(source, plan["train"], n_px, recipe["k"], seed, workers, progress)
+            palette = _fit(sources, plan["train"], n_px, recipe["k"], seed, workers, progress)
         save_palette(out / "palette.npy", palette)
     (out / "progress").mkdir(exist_ok=True)
     tasks = [
@@ -129,14 +137,16 @@ def _write(source: Source, out: Path, recipe: dict, palette: np.ndarray | None, 
     ]
     todo = [(name, indices) for name, indices in tasks if not (out / "progress" / f"{name}.json").is_file()]
     done_images = sum(len(indices) for name, indices in tasks) - sum(len(indices) for _, indices in todo)
-    with tqdm(total=len(source), initial=done_images, desc="shards", unit="img", disable=not progress) as bar:
-        for name, record in _run(todo, source, palette, n_px, out, workers, recipe):
+    total = sum(len(indices) for _, indices in tasks)
+    with tqdm(total=total, initial=done_images, desc="shards", unit="img", disable=not progress) as bar:
+        for name, record in _run(todo, sources, palette, n_px, out, workers, recipe):
             (out / "progress" / f"{name}.json").write_text(json.dumps(record))
             bar.update(record["planned"])
     records = {name: json.loads((out / "progress" / f"{name}.json").read_text()) for name, _ in tasks}
-    manifest = _manifest(source, recipe, palette, tasks, records)
+    manifest = _manifest(sources, recipe, palette, tasks, records)
     if manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 0:
-        raise DataError(f"{source.name} gave no readable images ({len(manifest['skipped'])} skipped): check the source")
+        skipped = len(manifest["skipped"])
+        raise DataError(f"{sources.train.name} gave no readable images ({skipped} skipped): check the source")
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out / "manifest.json")
@@ -148,6 +158,8 @@ def _write(source: Source, out: Path, recipe: dict, palette: np.ndarray | None, 
 def _plan(count: int, recipe: dict) -> dict[str, np.ndarray]:
     """Source indices of each split: training in a seeded order (shards mix classes), validation in source order."""
     order = np.random.default_rng(recipe["seed"]).permutation(count)
+    if "val_source" in recipe:
+        return {"train": order, "val": np.arange(recipe["val_images"])}
     n_val = 0
     if recipe["val_fraction"] > 0 and count >= 2:
         n_val = min(max(1, round(count * recipe["val_fraction"])), count - 1)
@@ -158,7 +170,7 @@ def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
     return [indices[start : start + size] for start in range(0, len(indices), size)]
 
 
-def _fit(source: Source, train: np.ndarray, n_px: int, k: int, seed: int, workers: int, progress: bool) -> np.ndarray:
+def _fit(sources: Sources, train: np.ndarray, n_px: int, k: int, seed: int, workers: int, progress: bool) -> np.ndarray:
     """A palette fitted on PALETTE_PIXELS pixels of training images drawn at random (seeded)."""
     rng = np.random.default_rng([seed, 1])
     # Twice the images strictly needed, so the pixels are drawn from many images, not a few.
@@ -166,26 +178,55 @@ def _fit(source: Source, train: np.ndarray, n_px: int, k: int, seed: int, worker
     picks = np.sort(rng.choice(train, wanted, replace=False)) if len(train) else train
     images = []
     with tqdm(total=len(picks), desc="palette sample", unit="img", disable=not progress) as bar:
-        for _, batch in _run([("palette", picks)], source, None, n_px, None, workers, None):
+        for _, batch in _run([("palette", picks)], sources, None, n_px, None, workers, None):
             images += batch
             bar.update(len(batch))
     if not images:
-        raise DataError(f"{source.name} gave no readable training images to fit a palette on: check the source")
+        raise DataError(f"{sources.train.name} gave no readable training images to fit a palette on: check the source")
     pixels = np.concatenate([image.reshape(-1, 3) for image in images])
     return fit_palette(pixels, k, seed=seed, max_pixels=PALETTE_PIXELS)
 
 
-# What each worker process holds: the source, palette and resolution, sent once at start-up.
+class Sources(NamedTuple):
+    """Where each split's images come from; `val_labels` maps the val source's class numbers to the train source's."""
+
+    train: Source
+    val: Source
+    val_labels: np.ndarray | None
+
+
+def _val_label_map(train: Source, val: Source) -> np.ndarray | None:
+    """The train class number of each of `val`'s classes, matched by name; None when `train` is unlabelled."""
+    if not train.label_names:
+        return None
+    if not val.label_names:
+        raise DataError(
+            f"{val.name} has no labels but {train.name} has {len(train.label_names)} classes: "
+            "give a labelled validation source (ImageNet val: its LOC_val_solution.csv beside the images)"
+        )
+    number = {name: i for i, name in enumerate(train.label_names)}
+    unknown = [name for name in val.label_names if name not in number]
+    if unknown:
+        raise DataError(
+            f"{val.name} has {len(unknown)} classes that {train.name} lacks (first: {unknown[0]}): "
+            "give the validation images of the same classes"
+        )
+    return np.asarray([number[name] for name in val.label_names], dtype=np.int64)
+
+
+# What each worker process holds: the sources, palette and resolution, sent once at start-up.
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(source: Source, palette: np.ndarray | None, n_px: int, out: Path | None, recipe: dict | None) -> None:
-    _WORKER.update(source=source, palette=palette, n_px=n_px, out=out, recipe=recipe)
+def _init_worker(
+    sources: Sources, palette: np.ndarray | None, n_px: int, out: Path | None, recipe: dict | None
+) -> None:
+    _WORKER.update(sources=sources, palette=palette, n_px=n_px, out=out, recipe=recipe)
 
 
 def _run(
     tasks: list,
-    source: Source,
+    sources: Sources,
     palette: np.ndarray | None,
     n_px: int,
     out: Path | None,
@@ -195,7 +236,7 @@ def _run(
     """(name, result) of each task as it finishes: a shard record, or (palette=None) the resized images."""
     if not tasks:
         return
-    initargs = (source, palette, n_px, out, recipe)
+    initargs = (sources, palette, n_px, out, recipe)
     if workers == 0:
         _init_worker(*initargs)
         yield from (_task(task) for task in tasks)
@@ -225,7 +266,10 @@ def _init_pool_worker(*initargs: Any) -> None:
 
 def _task(task: tuple[str, np.ndarray]) -> tuple[str, Any]:
     name, indices = task
-    source, palette, n_px, out = _WORKER["source"], _WORKER["palette"], _WORKER["n_px"], _WORKER["out"]
+    sources, palette, n_px, out = _WORKER["sources"], _WORKER["palette"], _WORKER["n_px"], _WORKER["out"]
+    # The palette sample ("palette" tasks) is drawn from training images.
+    source = sources.val if name.startswith("val-") else sources.train
+    relabel = sources.val_labels if name.startswith("val-") else None  # None without a separate val source
     crops = _WORKER["recipe"]["train_crops"] if palette is not None and name.startswith("train-") else 0
     # Decoded at no less than twice the stored size (of the smallest crop, which spans 224/384 of the
     # short side), so the box filter still averages at least 2x2 pixels.
@@ -243,18 +287,19 @@ def _task(task: tuple[str, np.ndarray]) -> tuple[str, Any]:
             images += [random_resized_crop(sample.image, n_px, rng) for _ in range(crops)]
         else:
             images.append(resize_image(sample.image, n_px))
-        labels.append(-1 if sample.label is None else sample.label)
+        label = -1 if sample.label is None else sample.label
+        labels.append(label if relabel is None or label < 0 else int(relabel[label]))
         keys.append(sample.key)
     if palette is None:
         return name, images
     pixels = np.stack(images) if images else np.zeros((0, n_px, n_px, 3), dtype=np.uint8)
     tokens = encode_pixels(pixels, palette).reshape(len(images), n_px * n_px)
-    write_shard(out / name, tokens, np.asarray(labels) if source.label_names else None, keys)
+    write_shard(out / name, tokens, np.asarray(labels) if sources.train.label_names else None, keys)
     record = {"count": len(keys), "planned": len(indices), "sha256": file_sha256(out / name), "skipped": skipped}
     return name, record
 
 
-def _manifest(source: Source, recipe: dict, palette: np.ndarray, tasks: list, records: dict) -> dict:
+def _manifest(sources: Sources, recipe: dict, palette: np.ndarray, tasks: list, records: dict) -> dict:
     splits = {}
     for split in SPLITS:
         shards = [
@@ -269,9 +314,10 @@ def _manifest(source: Source, recipe: dict, palette: np.ndarray, tasks: list, re
         "n_px": recipe["n_px"],
         "n_vocab": len(palette),
         "palette_hash": palette_hash(palette),
-        "label_names": list(source.label_names),
+        "label_names": list(sources.train.label_names),
         "splits": splits,
-        "source": source.name,
+        "source": sources.train.name,
+        **({"val_source": recipe["val_source"]} if "val_source" in recipe else {}),
         "seed": recipe["seed"],
         "val_fraction": recipe["val_fraction"],
         "train_crops": recipe["train_crops"],
