@@ -1,14 +1,20 @@
 """Checkpoints on disk: finding them, loading a model for evaluation, and megapixel's own training state.
 
 A run keeps DeepSpeed's layout: RUN_DIR/checkpoints/step_0000500/ holds the engine's files, and
-RUN_DIR/checkpoints/latest names the newest complete tag (DeepSpeed writes it after the tag).
-Everything here reads with `torch.load(weights_only=True)`: loading a checkpoint never runs code.
+RUN_DIR/checkpoints/latest names the newest complete tag. The trainer (megapixel/checkpointing.py) writes a tag
+as step_0000500.partial/, renames it into place when every rank's files are complete, then replaces `latest`:
+a folder named step_* is always complete. Everything here reads with `torch.load(weights_only=True)` (through
+`load_safely`): loading a checkpoint never runs code.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,8 @@ MODULE_PREFIX = "model."
 # ZeRO 0-2 write the full module into the first file; ZeRO-3 writes one partitioned file per rank.
 MODEL_STATES = "mp_rank_00_model_states.pt"
 ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+# Suffixes of unfinished folders beside the tags: a save in progress, a tag being replaced or pruned.
+PARTIAL, STALE = ".partial", ".stale"
 
 
 def tag_name(step: int) -> str:
@@ -69,6 +77,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     latest = checkpoints / "latest"
     if not latest.is_file():
+        # A save renames its complete folder into place before it moves `latest`, so a run killed between the
+        # two on its first save has a complete tag and no `latest` yet.
+        tags = [tag for tag in list_tags(checkpoints) if _is_tag(tag)]
+        if tags:
+            return tags[-1]
         raise CheckpointError(
             f"no checkpoint in {path}: expected a run folder, its checkpoints/ folder or a step_* folder "
             "(a run that never finished its first save has none)"
@@ -83,31 +96,55 @@ def _model_states_file(tag: Path) -> Path:
     return tag / MODEL_STATES if (tag / MODEL_STATES).is_file() else tag / ZERO3_MODEL_STATES
 
 
+def deepspeed_records() -> list[type]:
+    """The classes DeepSpeed pickles into optimizer files besides tensors and plain values: inert records (an
+    enum, a loss-scale holder, a dataclass of two ints) whose rebuilding runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def load_safely(path: str | Path, map_location: Any = "cpu", mmap: bool = False, allow: Sequence[type] = ()) -> Any:
+    """What a torch file holds, rebuilt from tensors, plain values and the `allow`ed classes only (a file that
+    asks for anything else is refused: unpickling it could run code); CheckpointError names a bad file."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found or "Weights only load failed" in str(e):
+            what = found.group(1) if found else "object"
+            raise CheckpointError(
+                f"refusing to read {path}: it holds a pickled {what}, not only tensors and plain values, and "
+                "unpickling it could run code"
+            ) from None
+        raise CheckpointError(f"cannot read {path}: {_first_line(e)}") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"cannot read {path}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def read_client_state(tag: Path, path: Path | None = None) -> dict[str, Any]:
     """The saved engine record of a tag folder (or of its file `path`): DeepSpeed's keys plus the client state
     megapixel stored."""
-    path = path or _model_states_file(tag)
-    try:
-        # mmap: only what is touched is read, so looking up the step or config of a large model is cheap.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    # mmap: only what is touched is read, so looking up the step or config of a large model is cheap.
+    return load_safely(path or _model_states_file(tag), mmap=True)
 
 
 def _zero3_weights(tag: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights gathered from a ZeRO-3 checkpoint's per-rank partitions."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # DeepSpeed's reader unpickles without restriction; first prove that every file holds only tensors,
-    # plain values and these two inert DeepSpeed records, so that reading cannot run code.
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-        for path in sorted(tag.glob("*.pt")):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # torch raises several types for foreign or malformed files
-                raise CheckpointError(f"refusing to read {path}: {str(e).splitlines()[0]}") from None
+    # plain values and DeepSpeed's inert records, so that reading cannot run code.
+    for path in sorted(tag.glob("*.pt")):
+        load_safely(path, mmap=True, allow=deepspeed_records())
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
     return {name: t.detach() for name, t in state.items()}
 
@@ -132,7 +169,7 @@ def read_model_weights(tag: Path) -> dict[str, torch.Tensor] | list[dict[str, to
     state = read_client_state(tag)
     layout = checkpoint_layout(state)
     if layout["pipeline"] > 1:
-        n_layer = _config_of(tag, state).model.n_layer
+        n_layer = config_of(tag, state).model.n_layer
         shards = [_pipeline_layers(tag, r, n_layer) for r in range(layout["tensor"])]
     else:
         shards = [_module_of(tag, tag / f"mp_rank_{r:02d}_model_states.pt") for r in range(layout["tensor"])]
@@ -146,11 +183,7 @@ def _pipeline_layers(tag: Path, tensor_rank: int, n_layer: int) -> dict[str, tor
     n_layer + 1 ln_f and the heads."""
     weights = {}
     for index in range(n_layer + 2):
-        path = tag / f"layer_{index:02d}-model_{tensor_rank:02d}-model_states.pt"
-        try:
-            layer = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # torch raises several types for missing, truncated or foreign files
-            raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        layer = load_safely(tag / f"layer_{index:02d}-model_{tensor_rank:02d}-model_states.pt", mmap=True)
         for name, tensor in layer.items():
             block = 1 <= index <= n_layer
             weights[f"blocks.{index - 1}.{name.removeprefix('block.')}" if block else name] = tensor
@@ -188,7 +221,8 @@ def _load_weights(model: IGPT, weights: dict[str, torch.Tensor], tag: Path) -> N
     model.load_state_dict(weights)
 
 
-def _config_of(tag: Path, state: dict[str, Any]) -> Config:
+def config_of(tag: Path, state: dict[str, Any]) -> Config:
+    """The config a tag folder's model was built with: stored in its engine record, else the run's config.yaml."""
     if "config" in state:
         return from_dict(state["config"], where=f"{tag} config")
     run_config = tag.parent.parent / "config.yaml"
@@ -197,7 +231,9 @@ def _config_of(tag: Path, state: dict[str, Any]) -> Config:
     raise CheckpointError(f"{tag} stores no config and {run_config} does not exist: the model cannot be rebuilt")
 
 
-def _palette_of(tag: Path, cfg: Config, saved_hash: str | None) -> np.ndarray:
+def palette_of(tag: Path, cfg: Config, saved_hash: str | None) -> np.ndarray:
+    """The palette a tag folder's model was trained with: the run's palette.npy, else the shard set's (matching
+    `saved_hash` when given)."""
     # Imported here: the palette module pulls in scikit-learn, which only this function needs.
     from megapixel.palette import load_palette, palette_hash
 
@@ -219,16 +255,22 @@ def _palette_of(tag: Path, cfg: Config, saved_hash: str | None) -> np.ndarray:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IGPT, Config, np.ndarray]:
-    """The model of a checkpoint (run folder, checkpoints/ folder or tag), in eval mode, with its config and palette."""
+    """The model of a checkpoint (run folder, checkpoints/ folder or tag), a consolidated folder or a HF ImageGPT
+    folder, in eval mode, with its config and palette."""
+    # Imported here: megapixel.convert imports this module.
+    from megapixel.convert.loading import is_model_folder, load_model_folder
+
+    if is_model_folder(path):
+        return load_model_folder(path, device)
     tag = resolve_checkpoint(path)
     state = read_client_state(tag)
-    cfg = _config_of(tag, state)
+    cfg = config_of(tag, state)
     model = IGPT(cfg.model)
     weights = read_model_weights(tag)
     if isinstance(weights, list):
         weights = gather_tensor_shards(weights, model.state_dict())
     _load_weights(model, weights, tag)
-    palette = _palette_of(tag, cfg, state.get("palette_hash"))
+    palette = palette_of(tag, cfg, state.get("palette_hash"))
     return model.to(device).eval(), cfg, palette
 
 
@@ -236,7 +278,23 @@ def prune_checkpoints(checkpoints: Path, keep_last: int, current_step: int) -> N
     """Delete all but the newest `keep_last` tags up to `current_step` (tags past it are left alone)."""
     done = [t for t in list_tags(checkpoints) if tag_step(t) <= current_step]
     for tag in done[:-keep_last]:
-        shutil.rmtree(tag)
+        # Renamed first: a process killed while deleting leaves no half-deleted step_* folder behind.
+        stale = tag.with_name(tag.name + STALE)
+        os.rename(tag, stale)
+        shutil.rmtree(stale)
+
+
+def remove_unfinished(checkpoints: Path) -> list[Path]:
+    """Delete what interrupted saves left under `checkpoints` (*.partial, *.stale, latest.tmp); return it."""
+    if not checkpoints.is_dir():
+        return []
+    left = [p for p in checkpoints.iterdir() if p.name.endswith((PARTIAL, STALE)) or p.name == "latest.tmp"]
+    for path in left:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return left
 
 
 def rng_state() -> dict[str, Any]:

@@ -57,6 +57,9 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     flip: bool = False
+    # Shards stored at a multiple of model.n_px (64x64 for a 32x32 model) are area-downsampled through
+    # the palette while streaming; off, a resolution mismatch is an error.
+    downsample: bool = False
 
 
 @dataclass
@@ -81,7 +84,13 @@ class TrainConfig:
     eval_batches: int = 10
     save_every: int = 500
     keep_last: int = 3
+    # Stop (after saving) when this many steps in a row had non-finite gradients and were skipped; 0: never.
+    # fp16's loss scale search skips a few steps in a row at the start, so the limit leaves room for it.
+    max_skipped_steps: int = 20
     progress: bool = True
+    # Start from these weights instead of a random init, in whatever layout this run has: a consolidated
+    # folder, a HF ImageGPT folder or a training checkpoint ("": random init). --resume replaces them.
+    init_from: str = ""
 
 
 @dataclass

@@ -15,3 +15,7 @@ class DataError(MegapixelError):
 
 class CheckpointError(MegapixelError):
     """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+class NonFiniteError(MegapixelError):
+    """Training kept producing non-finite losses or gradients and was stopped."""

@@ -7,38 +7,31 @@ config.yaml, palette.npy (so sampling needs no shards), metrics.jsonl, tb/ and c
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from megapixel.checkpoint import (
-    has_checkpoints,
-    prune_checkpoints,
-    read_client_state,
-    resolve_checkpoint,
-    rng_state,
-    set_rng_state,
-    tag_name,
-)
-from megapixel.config import Config, from_dict, to_yaml
+from megapixel.checkpoint import remove_unfinished
+from megapixel.checkpointing import guard_loads, restore, resume_tag, save_checkpoint
+from megapixel.config import Config, to_yaml
 from megapixel.distributed import DistInfo, init_distributed
-from megapixel.errors import CheckpointError, ConfigError, DataError
+from megapixel.errors import ConfigError, DataError
 from megapixel.metrics import MetricsLog
 from megapixel.model import IGPT
 from megapixel.model.igpt import Block
+from megapixel.nonfinite import SkipCounter, guard_optimizer
 from megapixel.parallel import ParallelGroups, make_groups, parallel_loss, tensor_parallelize, validate_layout
 from megapixel.parallel.mpu import ModelParallelUnit
 from megapixel.parallel.pipeline import pipeline_micro_batches, pipeline_module
+from megapixel.rank_state import RankState, seed_all
 from megapixel.schedule import make_scheduler
+from megapixel.signals import STOP_FILE, StopRequest, write_stop_file
 
 # Never let DeepSpeed print its own step lines: the progress bar and metrics.jsonl report progress.
 QUIET_STEPS = 2**62
@@ -128,9 +121,11 @@ def check_shards(cfg: Config) -> dict[str, Any]:
             f"model.n_vocab={m.n_vocab} but the shards use a {manifest['n_vocab']}-colour palette: "
             f"set model.n_vocab={manifest['n_vocab']}"
         )
-    if manifest["n_px"] != m.n_px:
-        px = manifest["n_px"]
-        raise ConfigError(f"model.n_px={m.n_px} but the shards hold {px}x{px} images: set model.n_px={px}")
+    px = manifest["n_px"]
+    fits = m.n_px < px and px % m.n_px == 0  # the stream can average px/n_px blocks through the palette
+    if m.n_px != px and not (cfg.data.downsample and fits):
+        also = " or data.downsample=true" if fits else ""
+        raise ConfigError(f"model.n_px={m.n_px} but the shards hold {px}x{px} images: set model.n_px={px}{also}")
     n_labels = len(manifest.get("label_names") or [])
     if m.n_classes and m.n_classes != n_labels:
         fix = f"set model.n_classes={n_labels}" if n_labels else "set model.n_classes=0 (these shards have no labels)"
@@ -138,67 +133,6 @@ def check_shards(cfg: Config) -> dict[str, Any]:
     if manifest["splits"]["train"]["count"] == 0:
         raise ConfigError(f"{cfg.data.shards} has no training images: make the shard set with a val_fraction below 1")
     return manifest
-
-
-def layout_of(groups: ParallelGroups) -> dict[str, int]:
-    """The sizes a checkpoint records: its tensor shards, pipeline stages and data-parallel replicas."""
-    return {"tensor": groups.tensor_size, "pipeline": groups.pipeline_size, "data": groups.data_size}
-
-
-def _resume_tag(cfg: Config, manifest: dict[str, Any], resume: bool, groups: ParallelGroups) -> Path | None:
-    """The checkpoint to continue from (None for a fresh run), after checking it fits `cfg` and the shards."""
-    run_dir = Path(cfg.train.run_dir)
-    if not resume:
-        if has_checkpoints(run_dir):
-            raise CheckpointError(
-                f"{run_dir} already has checkpoints: pass --resume to continue, or choose another train.run_dir"
-            )
-        return None
-    if not has_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir} has no checkpoint to resume from: start it without --resume")
-    tag = resolve_checkpoint(run_dir)
-    state = read_client_state(tag)
-    if "config" not in state or "ranks" not in state:
-        raise CheckpointError(f"{tag} was not written by megapixel's trainer: it holds no training state to resume")
-    saved = dataclasses.asdict(from_dict(state["config"], where=f"{tag} config").model)
-    now = dataclasses.asdict(cfg.model)
-    for key in saved:
-        # The kernel choice changes how, not what, the model computes.
-        if key != "kernels" and saved[key] != now[key]:
-            raise CheckpointError(
-                f"model.{key} is {now[key]!r} but the checkpoint {tag.name} was trained with {saved[key]!r}: "
-                f"set model.{key}={saved[key]} to resume it"
-            )
-    # Checkpoints from before layouts were recorded are one-shard, one-stage.
-    saved_layout = state.get("layout", {"tensor": 1, "pipeline": 1, "data": state["dp_world_size"]})
-    now_layout = layout_of(groups)
-    for axis in ("tensor", "pipeline"):
-        if saved_layout[axis] != now_layout[axis]:
-            raise CheckpointError(
-                f"{tag.name} was written with parallel.{axis}={saved_layout[axis]} but this run has "
-                f"parallel.{axis}={now_layout[axis]}: resume with parallel.{axis}={saved_layout[axis]}"
-            )
-    stage = state.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
-    if stage != cfg.parallel.zero_stage:
-        raise CheckpointError(
-            f"{tag.name} was written with ZeRO stage {stage}: resume with parallel.zero_stage={stage}"
-        )
-    if stage > 0 and state["dp_world_size"] != groups.data_size:
-        raise CheckpointError(
-            f"{tag.name} was written by {state['dp_world_size']} data-parallel ranks and ZeRO partitions its "
-            f"optimizer state by rank: resume on {state['dp_world_size']} data-parallel ranks"
-        )
-    if state["palette_hash"] != manifest["palette_hash"]:
-        raise CheckpointError(
-            f"{cfg.data.shards} uses another palette than {tag.name} was trained on: resume with the same shard set"
-        )
-    return tag
-
-
-def _seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def checkpoint_blocks(model: IGPT) -> None:
@@ -226,9 +160,15 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo, groups:
         groups = make_groups(cfg.parallel, info.world_size, info.rank)
     # Every rank builds the same initial weights (DeepSpeed would broadcast rank 0's anyway), directly on
     # its device: no host copy of the whole model per rank. Tensor ranks then keep their slices of them.
-    _seed(cfg.train.seed)
+    seed_all(cfg.train.seed)
     with torch.device(info.device):
         model = IGPT(cfg.model)
+    if cfg.train.init_from:
+        # Imported here: megapixel.convert imports the checkpoint module, and most runs never need it.
+        from megapixel.convert.loading import load_initial_weights
+
+        # The whole model is filled before it is split, so every layout starts from the same weights.
+        load_initial_weights(model, cfg)
     tensor_group = None
     if groups.tensor_size > 1:
         tensor_group = groups.tensor
@@ -262,6 +202,8 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo, groups:
         config=ds_config,
         mpu=mpu,
     )
+    guard_optimizer(engine, optimizer)
+    guard_loads(engine)
     return engine
 
 
@@ -281,6 +223,7 @@ def _make_loader(cfg: Config, split: str, batch: int, groups: ParallelGroups, in
         flip=cfg.data.flip and split == "train",
         infinite=infinite,
         n_px=cfg.model.n_px,
+        downsample=cfg.data.downsample,
     )
 
 
@@ -324,137 +267,14 @@ def _write_run_files(cfg: Config) -> None:
     shutil.copyfile(Path(cfg.data.shards) / "palette.npy", run_dir / "palette.npy")
 
 
-def _save(
-    engine: Any, cfg: Config, step: int, palette: str, per_rank: dict[str, Any], info: DistInfo, groups: ParallelGroups
-) -> None:
-    ranks: list[Any] = [None] * info.world_size
-    dist.all_gather_object(ranks, per_rank)
-    client = {
-        "step": step,
-        "config": cfg.to_dict(),
-        "palette_hash": palette,
-        "ranks": ranks,
-        "layout": layout_of(groups),
-    }
-    checkpoints = Path(cfg.train.run_dir) / "checkpoints"
-    engine.save_checkpoint(str(checkpoints), tag=tag_name(step), client_state=client)
-    if info.is_main:
-        # DeepSpeed moved `latest` to the new tag when save_checkpoint returned; older ones can go.
-        prune_checkpoints(checkpoints, cfg.train.keep_last, step)
-
-
-def _restore(engine: Any, tag: Path) -> tuple[int, list[dict[str, Any]]]:
-    """Load engine, optimizer and scheduler state from `tag`; return its step and the per-rank states."""
-    path, client = engine.load_checkpoint(
-        str(tag.parent), tag=tag.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {tag}: the checkpoint is incomplete")
-    scheduler = engine.lr_scheduler
-    # The optimizer comes back with the learning rate of the saved schedule; recompute it from this run's
-    # schedule (exactly as LambdaLR does), which differs when train.steps changed.
-    groups = scheduler.optimizer.param_groups
-    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base * factor(scheduler.last_epoch)
-    return client["step"], client["ranks"]
-
-
-class RankState:
-    """What one rank carries from step to step besides the engine: its data position, random streams, and
-    the loss of the steps since the last log line (summed on the device: no host sync until it is logged).
-
-    Making one seeds this rank's random generators (torch, numpy, python, BERT masks) from (train.seed, data
-    rank): the tensor ranks of a replica draw the same masks, as they compute one loss together.
-    """
-
-    def __init__(self, cfg: Config, info: DistInfo, loader: Any, data_rank: int) -> None:
-        self.loader = loader
-        self.loss_sum = torch.zeros((), device=info.device)
-        self.loss_count = 0
-        # BERT's training masks come from their own stream, so nothing else that draws random numbers
-        # (data-loader workers, evaluation) can change them.
-        seed = int(np.random.SeedSequence([cfg.train.seed, data_rank]).generate_state(1)[0])
-        self.masks = torch.Generator(device=info.device).manual_seed(seed)
-        _seed(seed)
-
-    def add(self, loss: torch.Tensor) -> None:
-        """Count one micro-batch's loss."""
-        self.loss_sum += loss.detach()
-        self.loss_count += 1
-
-    def take_mean_loss(self) -> float:
-        """The mean loss over all ranks since the last call (a host sync)."""
-        total = torch.stack([self.loss_sum, self.loss_sum.new_tensor(self.loss_count)])
-        dist.all_reduce(total)
-        self.loss_sum.zero_()
-        self.loss_count = 0
-        return (total[0] / total[1]).item()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain types and tensors only, so a checkpoint reads with weights_only=True."""
-        return {
-            "loader": self.loader.state_dict(),
-            "rng": rng_state(),
-            "masks": self.masks.get_state(),
-            "loss_sum": self.loss_sum.item(),
-            "loss_count": self.loss_count,
-        }
-
-    def load_state_dict(self, ranks: list[dict[str, Any]], rank: int) -> None:
-        """Continue exactly where rank `rank` stopped; with another number of ranks, continue the data at the
-        same point of its epoch (the loader warns) with this rank's fresh random streams."""
-        if len(ranks) != dist.get_world_size():
-            self.loader.load_state_dict(ranks[0]["loader"])
-            return
-        state = ranks[rank]
-        self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        self.masks.set_state(state["masks"])
-        self.loss_sum.fill_(state["loss_sum"])
-        self.loss_count = state["loss_count"]
-
-
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Train cfg's model on cfg.data.shards into cfg.train.run_dir (resume: from its latest checkpoint);
-    returns a summary: steps, train_loss, val_loss, run_dir, tokens_per_s, rank."""
-    from tqdm import tqdm
-
-    info = init_distributed()
-    _check_layout(cfg, info.world_size)
-    manifest = check_shards(cfg)
-    groups = make_groups(cfg.parallel, info.world_size, info.rank)
-    ds_config = deepspeed_config(cfg, groups.data_size, info.device)
-    tag = _resume_tag(cfg, manifest, resume, groups)
-    eval_batches = cfg.train.eval_batches if manifest["splits"]["val"]["count"] else 0
-
-    engine = build_engine(cfg, ds_config, info, groups)
-    accum = engine.gradient_accumulation_steps()
-    loader = _make_loader(cfg, "train", engine.train_micro_batch_size_per_gpu(), groups, infinite=True)
-    state = RankState(cfg, info, loader, groups.data_rank)
-    step = 0
-    if tag is not None:
-        step, ranks = _restore(engine, tag)
-        state.load_state_dict(ranks, info.rank)
-    if info.is_main:
-        _write_run_files(cfg)
-    metrics = MetricsLog(cfg.train.run_dir, start_step=step, enabled=info.is_main)
-
-    steps, use_labels = cfg.train.steps, cfg.model.n_classes > 0
-    tokens_per_step = engine.train_batch_size() * cfg.model.n_ctx
-    train_loss = val_loss = None
-    trained_steps, train_time = 0, 0.0
-    bar = tqdm(total=steps, initial=step, disable=not (info.is_main and cfg.train.progress), unit="step")
-    batches = iter(loader)
-    window_start, window_steps = time.perf_counter(), 0
-    pipelined = groups.pipeline_size > 1
+def _train_step(engine: Any, batches: Any, state: RankState, info: DistInfo, use_labels: bool, pipelined: bool) -> bool:
+    """One optimizer step over the engine's accumulation of micro-batches; whether the engine applied it (it
+    skips a step whose gradients are not finite: megapixel.nonfinite)."""
     if pipelined:
-        micro_batches = pipeline_micro_batches(batches, cfg.model, info.device, state.masks)
-    while step < steps:
-        lr = engine.get_lr()[0]
-        if pipelined:
-            # The engine runs the accumulation steps itself (1F1B) and steps the optimizer.
-            state.add(engine.train_batch(data_iter=micro_batches))
-        for _ in range(0 if pipelined else accum):
+        # The engine runs the accumulation steps itself (1F1B) and steps the optimizer.
+        state.add(engine.train_batch(data_iter=batches))
+    else:
+        for _ in range(engine.gradient_accumulation_steps()):
             batch = next(batches)
             tokens = batch["tokens"].to(info.device, non_blocking=True)
             labels = batch["labels"].to(info.device, non_blocking=True) if use_labels else None
@@ -462,29 +282,111 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             engine.backward(loss)
             engine.step()
             state.add(loss)
-        step += 1
-        window_steps += 1
-        bar.update()
-        last = step == steps
-        if step % cfg.train.log_every == 0 or last:
-            train_loss = state.take_mean_loss()
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_steps * tokens_per_step / elapsed
-            trained_steps, train_time = trained_steps + window_steps, train_time + elapsed
-            metrics.write(step, loss=train_loss, lr=lr, tokens_per_s=tokens_per_s)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            window_start, window_steps = time.perf_counter(), 0
-        pause_start = time.perf_counter()
-        if step % cfg.train.eval_every == 0 or last:
-            val_loss = evaluate(engine, cfg, info, groups, eval_batches)
-            if val_loss is not None:
-                metrics.write(step, val_loss=val_loss)
-        if step % cfg.train.save_every == 0 or last:
-            _save(engine, cfg, step, manifest["palette_hash"], state.state_dict(), info, groups)
-        # Time spent evaluating and saving is not training throughput.
-        window_start += time.perf_counter() - pause_start
-    bar.close()
-    metrics.close()
+    applied = engine.was_step_applied()
+    state.end_step(applied)
+    return applied
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train cfg's model on cfg.data.shards into cfg.train.run_dir (resume: from its latest checkpoint);
+    returns a summary: steps, train_loss, val_loss, run_dir, tokens_per_s, rank, and stopped_by (the name of
+    the signal that stopped it early after saving, else None)."""
+    info = init_distributed()
+    _check_layout(cfg, info.world_size)
+    if cfg.train.max_skipped_steps < 0:
+        raise ConfigError(f"train.max_skipped_steps must be >= 0 (0: never stop), got {cfg.train.max_skipped_steps}")
+    manifest = check_shards(cfg)
+    groups = make_groups(cfg.parallel, info.world_size, info.rank)
+    ds_config = deepspeed_config(cfg, groups.data_size, info.device)
+    tag = resume_tag(cfg, manifest, resume, groups)
+    run_dir = Path(cfg.train.run_dir)
+    if info.is_main:
+        # What an interrupted save or the last stop on a signal left behind.
+        remove_unfinished(run_dir / "checkpoints")
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+    # From here on SIGTERM / SIGUSR1 stop the run at the next step boundary, after a save.
+    with StopRequest() as stop:
+        return _train(cfg, tag, manifest, ds_config, info, groups, stop)
+
+
+def _train(
+    cfg: Config,
+    tag: Path | None,
+    manifest: dict[str, Any],
+    ds_config: dict[str, Any],
+    info: DistInfo,
+    groups: ParallelGroups,
+    stop: StopRequest,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    eval_batches = cfg.train.eval_batches if manifest["splits"]["val"]["count"] else 0
+    engine = build_engine(cfg, ds_config, info, groups)
+    loader = _make_loader(cfg, "train", engine.train_micro_batch_size_per_gpu(), groups, infinite=True)
+    state = RankState(cfg, info, loader, groups.data_rank)
+    step = 0
+    if tag is not None:
+        step, ranks = restore(engine, tag)
+        state.load_state_dict(ranks, info.rank)
+    if info.is_main:
+        _write_run_files(cfg)
+    metrics = MetricsLog(cfg.train.run_dir, start_step=step, enabled=info.is_main)
+
+    def save() -> str:
+        return save_checkpoint(engine, cfg, step, manifest["palette_hash"], state.state_dict(), info, groups).name
+
+    steps, use_labels = cfg.train.steps, cfg.model.n_classes > 0
+    tokens_per_step = engine.train_batch_size() * cfg.model.n_ctx
+    train_loss = val_loss = stopped_by = None
+    trained_steps, train_time = 0, 0.0
+    skips = SkipCounter(cfg.train.max_skipped_steps, engine.skipped_steps)
+    bar = tqdm(total=steps, initial=step, disable=not (info.is_main and cfg.train.progress), unit="step")
+    batches = iter(loader)
+    pipelined = groups.pipeline_size > 1
+    if pipelined:
+        batches = pipeline_micro_batches(batches, cfg.model, info.device, state.masks)
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < steps:
+            lr = engine.get_lr()[0]
+            applied = _train_step(engine, batches, state, info, use_labels, pipelined)
+            step += 1
+            window_steps += 1
+            bar.update()
+            last = step == steps
+            skips.record(applied)
+            if not applied:
+                metrics.write(step, skipped_steps=skips.total)
+                if skips.exhausted:
+                    # Skipped steps changed no weight: this checkpoint holds the last good state.
+                    raise skips.error(step, save())
+            if step % cfg.train.log_every == 0 or last:
+                train_loss = state.take_mean_loss()
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_steps * tokens_per_step / elapsed
+                trained_steps, train_time = trained_steps + window_steps, train_time + elapsed
+                if train_loss is not None:
+                    metrics.write(step, loss=train_loss, lr=lr, tokens_per_s=tokens_per_s)
+                    bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            pause_start = time.perf_counter()
+            if step % cfg.train.eval_every == 0 or last:
+                val_loss = evaluate(engine, cfg, info, groups, eval_batches)
+                if val_loss is not None:
+                    metrics.write(step, val_loss=val_loss)
+            stopped_by = None if last else stop.agreed(info.device)
+            if step % cfg.train.save_every == 0 or last or stopped_by:
+                saved = save()
+            # Time spent evaluating and saving is not training throughput.
+            window_start += time.perf_counter() - pause_start
+            if stopped_by:
+                if info.is_main:
+                    write_stop_file(cfg.train.run_dir, step, stopped_by, saved)
+                    print(f"{stopped_by} at step {step}: saved {saved} and stopped; continue with --resume", flush=True)
+                break
+    finally:
+        bar.close()
+        metrics.close()
     if trained_steps == 0:
         # Resumed at or past train.steps: nothing to train, but the summary still reports the model.
         val_loss = evaluate(engine, cfg, info, groups, eval_batches)
@@ -495,4 +397,5 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "run_dir": cfg.train.run_dir,
         "tokens_per_s": trained_steps * tokens_per_step / train_time if train_time else None,
         "rank": info.rank,
+        "stopped_by": stopped_by,
     }

@@ -15,6 +15,7 @@ import torch
 from megapixel.config import load
 from megapixel.metrics import read_metrics
 from megapixel.parallel import validate_layout
+from megapixel.signals import STOP_FILE
 from megapixel.train import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,11 +112,15 @@ def test_xl_script_builds_the_deepspeed_command_with_hostfile_and_overrides(tmp_
 
 @pytest.fixture
 def slurm_env(tmp_path):
-    """A pretend 4-node allocation: SLURM variables and an `scontrol` that expands the node list."""
+    """A pretend 4-node allocation: SLURM variables and an `scontrol` that expands the node list (and logs any
+    other call to bin/scontrol.log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu017\\ngpu018\\ngpu019\\ngpu020\\n"\n')
+    scontrol.write_text(
+        '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && exec printf "gpu017\\ngpu018\\ngpu019\\ngpu020\\n"\n'
+        f'echo "$*" >> {bin_dir / "scontrol.log"}\n'
+    )
     scontrol.chmod(0o755)
     env = clean_env(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[017-020]", SLURM_NNODES="4", GPUS_PER_NODE="8",
                     RUN_DIR=str(tmp_path / "run"), DRY_RUN="1")  # fmt: skip
@@ -153,6 +158,13 @@ def test_slurm_launch_resumes_a_run_that_has_a_checkpoint(slurm_env):
     assert command[-1] == "--resume" and command[-2] == f"train.run_dir={slurm_env['RUN_DIR']}"
 
 
+@pytest.mark.parametrize(("left", "resumes"), [("step_0000500", True), ("step_0000500.partial", False)])
+def test_slurm_launch_resumes_a_tag_saved_before_latest_but_not_a_partial_one(slurm_env, left, resumes):
+    # A run killed between renaming its first checkpoint into place and writing `latest` has only the tag.
+    (Path(slurm_env["RUN_DIR"]) / "checkpoints" / left).mkdir(parents=True)
+    assert (slurm_command(slurm_env)[-1] == "--resume") == resumes
+
+
 def test_slurm_launch_outside_an_allocation_says_so(slurm_env):
     del slurm_env["SLURM_JOB_ID"]
     done = subprocess.run(
@@ -174,3 +186,43 @@ def test_sbatch_scripts_ask_for_sigusr1_before_the_limit_requeue_and_launch(slur
     command = shlex.split(done.stdout)
     assert done.returncode == 0 and command[0] == "srun"
     assert command[command.index("train") + 1 :] == [f"recipes/{config}.yaml", f"train.run_dir=runs/{config}"]
+
+
+# What slurm does at `--signal=B:USR1@...`: SIGUSR1 to the batch script (launch.sh, the job step's grandparent).
+WARN_BATCH_SCRIPT = 'kill -USR1 "$(ps -o ppid= -p $PPID)"'
+
+
+def fake_srun(env: dict[str, str], body: str) -> Path:
+    """An `srun` that logs its arguments to bin/srun.log; as the job step (not `--overlap`) it runs `body`."""
+    bin_dir = Path(env["PATH"].split(os.pathsep)[0])
+    srun = bin_dir / "srun"
+    srun.write_text(f'#!/bin/bash\necho "$*" >> {bin_dir / "srun.log"}\n[ "$1" = --overlap ] && exit 0\n{body}\n')
+    srun.chmod(0o755)
+    return bin_dir
+
+
+def launch(env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in env.items() if k != "DRY_RUN"}
+    command = ["bash", str(RECIPES / "slurm" / "launch.sh"), "recipes/igpt_xl.yaml"]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_slurm_launch_passes_the_warning_to_the_trainers_and_requeues_a_run_that_stopped_on_it(slurm_env):
+    # The job step: slurm's warning reaches the batch script mid-run; the trainers then save, write the stop
+    # file and exit 0 (what megapixel.signals does).
+    stop_file = Path(slurm_env["RUN_DIR"]) / STOP_FILE
+    bin_dir = fake_srun(slurm_env, f"{WARN_BATCH_SCRIPT}\nmkdir -p {stop_file.parent}\necho {{}} > {stop_file}")
+    done = launch(slurm_env)
+    assert done.returncode == 0, done.stderr
+    calls = (bin_dir / "srun.log").read_text().splitlines()
+    # The trainer processes are signalled on every node, torchrun is not.
+    assert "--overlap --ntasks-per-node=1 pkill -USR1 -f -- -u -m megapixel.cli train" in calls
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+@pytest.mark.parametrize(("body", "status"), [("exit 0", 0), (f"{WARN_BATCH_SCRIPT}; exit 1", 1)])
+def test_slurm_launch_does_not_requeue_a_run_that_finished_or_failed(slurm_env, body, status):
+    bin_dir = fake_srun(slurm_env, body)
+    done = launch(slurm_env)
+    assert done.returncode == status
+    assert not (bin_dir / "scontrol.log").exists()
