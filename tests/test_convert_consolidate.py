@@ -84,14 +84,6 @@ def test_an_existing_output_folder_is_refused_and_left_as_it_was(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_pipeline_checkpoints_are_refused_until_resharding_exists(tmp_path):
-    save_engine_checkpoint(tmp_path / "run", steps=1)
-    (tmp_path / "run" / "checkpoints" / tag_name(1) / "layer_01-model_states.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="pipeline stages: joining stages needs the resharding tool"):
-        consolidate(tmp_path / "run", tmp_path / "model")
-    assert not (tmp_path / "model").exists()
-
-
 @pytest.fixture()
 def consolidated(tmp_path) -> Path:
     save_engine_checkpoint(tmp_path / "run", steps=1)

@@ -1,6 +1,7 @@
-"""Convert megapixel checkpoints: consolidate a training checkpoint, and export to or import from HF transformers.
+"""Convert megapixel checkpoints: consolidate, reshard to another layout, export to or import from HF transformers.
 
     python tools/convert_checkpoint.py consolidate RUN_DIR OUT        # DeepSpeed checkpoint -> OUT/model.safetensors
+    python tools/convert_checkpoint.py reshard SOURCE OUT --tensor 2 --pipeline 2  # -> a run that resumes in 2 x 2
     python tools/convert_checkpoint.py to-hf RUN_DIR_OR_OUT HF_DIR    # -> ImageGPTForCausalImageModeling folder
     python tools/convert_checkpoint.py from-hf HF_DIR OUT             # HF ImageGPT folder -> consolidated folder
 
@@ -15,6 +16,7 @@ import sys
 
 from megapixel.convert.consolidate import describe, read_checkpoint, read_model, write_consolidated
 from megapixel.convert.hf import export_hf, read_hf
+from megapixel.convert.reshard import reshard as reshard_model
 from megapixel.errors import MegapixelError
 
 
@@ -23,6 +25,32 @@ def consolidate(args: argparse.Namespace) -> None:
     write_consolidated(state, cfg, palette, args.out, metadata)
     step = f"step {metadata['step']} of " if "step" in metadata else ""
     print(f"consolidated {step}{metadata['source']}\n  {describe(state, cfg)}\n  -> {args.out}")
+
+
+def reshard(args: argparse.Namespace) -> None:
+    source, cfg = reshard_model(
+        args.source, args.out, args.tensor, args.pipeline, args.data, args.zero_stage, args.shards
+    )
+    p, old = cfg.parallel, source.layout
+    count = p.tensor * p.pipeline * args.data
+    processes = f"{count} process" + ("es" if count > 1 else "")
+    before = f"tensor {old['tensor']} x pipeline {old['pipeline']} x data {old['data']}, ZeRO {source.zero_stage}"
+    after = f"tensor {p.tensor} x pipeline {p.pipeline} x data {args.data}, ZeRO {p.zero_stage}"
+    print(f"resharded {source.path}\n  from {before}\n  to   {after} ({processes})")
+    if source.position is not None:
+        consumed = source.position.get("consumed", 0)
+        print(
+            f"  carried: the weights, step {source.step}, the learning-rate schedule, the data position ({consumed:,} "
+            "samples consumed)"
+        )
+    else:
+        print(
+            "  carried: the weights; training starts at step 0 at the start of the data (the source is no training run)"
+        )
+    print(
+        "  the optimizer starts fresh: Adam's moments are not carried across layouts (they restart at zero)\n"
+        f"  -> {args.out}; continue on {processes}: megapixel train {args.out}/config.yaml --resume"
+    )
 
 
 def to_hf(args: argparse.Namespace) -> None:
@@ -47,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one step_* folder")
     p.add_argument("out", help="new folder for model.safetensors, config.yaml and palette.npy")
     p.set_defaults(func=consolidate)
+    p = sub.add_parser("reshard", help="any model -> a run in a tensor x pipeline x data layout that training resumes")
+    p.add_argument("source", help="a run / checkpoints / step_* folder, a consolidated folder or a HF folder")
+    p.add_argument("out", help="new run folder (config.yaml, palette.npy, checkpoints/)")
+    p.add_argument("--tensor", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pipeline", type=int, default=1, help="pipeline stages (default 1)")
+    p.add_argument("--data", type=int, default=1, help="data-parallel replicas (default 1)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default: the source's)")
+    p.add_argument("--shards", help="shard set to train on (default: the source config's data.shards)")
+    p.set_defaults(func=reshard)
     p = sub.add_parser("to-hf", help="a consolidated folder or training checkpoint -> a HF ImageGPT folder")
     p.add_argument("source", help="a consolidated folder, or a run / checkpoints / step_* folder")
     p.add_argument("out", help="new folder that transformers' from_pretrained loads")

@@ -1,4 +1,4 @@
-"""Checkpoint conversion: DeepSpeed checkpoints to one consolidated file, and to and from HF transformers' ImageGPT."""
+"""Checkpoint conversion: one consolidated file, resharding to any layout, and to and from HF transformers' ImageGPT."""
 
 from megapixel.convert.consolidate import (
     consolidate,
@@ -8,7 +8,8 @@ from megapixel.convert.consolidate import (
     write_consolidated,
 )
 from megapixel.convert.hf import export_hf, from_hf_state, import_hf, load_hf, read_hf, to_hf_state
-from megapixel.convert.loading import load_any
+from megapixel.convert.loading import load_any, load_initial_weights, read_any
+from megapixel.convert.reshard import reshard
 
 __all__ = [
     "consolidate",
@@ -19,8 +20,11 @@ __all__ = [
     "load_any",
     "load_consolidated",
     "load_hf",
+    "load_initial_weights",
+    "read_any",
     "read_consolidated",
     "read_hf",
+    "reshard",
     "to_hf_state",
     "write_consolidated",
 ]

@@ -1,6 +1,6 @@
 """One consolidated file per model: a folder of model.safetensors, config.yaml and palette.npy.
 
-A DeepSpeed training checkpoint (one pipeline stage, any tensor and data-parallel sizes, ZeRO 0-3)
+A DeepSpeed training checkpoint of any layout (tensor x pipeline x data, ZeRO 0-3; ZeRO-3 with one stage)
 becomes a folder that evaluation, export and sharing read without DeepSpeed, and that loads back as an
 IGPT. Reading never unpickles code: safetensors for the weights, YAML for the config, .npy without pickle.
 """
@@ -19,12 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # How a tag's config and palette are found belongs to checkpoint.py: consolidation must find exactly what
-# load_model finds. (The two helpers are private there; they could well be made public.)
+# load_model finds.
 from megapixel.checkpoint import (
-    _config_of,
-    _palette_of,
-    checkpoint_layout,
+    config_of,
     gather_tensor_shards,
+    palette_of,
     read_client_state,
     read_model_weights,
     resolve_checkpoint,
@@ -67,13 +66,18 @@ def check_weights(state: Weights, cfg: Config, where: str | Path) -> None:
             )
 
 
+def refuse_existing(out: Path) -> None:
+    """CheckpointError unless `out` is absent or an empty folder: nothing already on disk is overwritten."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists: choose a new output folder (nothing was written)")
+
+
 @contextmanager
 def new_folder(out: str | Path) -> Iterator[Path]:
     """A temporary sibling of `out` to fill; renamed to `out` when the block ends without error, else removed.
     An existing `out` is refused, so nothing already on disk is overwritten."""
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists: choose a new output folder (nothing was written)")
+    refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -162,25 +166,16 @@ def build_model(state: Weights, cfg: Config, device: str | torch.device = "cpu")
     return model.eval()
 
 
-def _refuse_pipeline(tag: Path, layout: dict[str, int]) -> None:
-    if layout["pipeline"] > 1 or any(tag.glob("layer_*-model_states.pt")):
-        raise CheckpointError(
-            f"{tag} was saved in {layout['pipeline']} pipeline stages: joining stages needs the resharding tool, "
-            "which is not built yet; only pipeline 1 checkpoints consolidate for now"
-        )
-
-
 def read_checkpoint(path: str | Path) -> tuple[Weights, Config, np.ndarray, dict[str, str]]:
     """The full weights, config, palette and provenance of a training checkpoint (run, checkpoints/ or tag folder)."""
     tag = resolve_checkpoint(path)
     client = read_client_state(tag)
-    cfg = _config_of(tag, client)
-    _refuse_pipeline(tag, checkpoint_layout(client))
+    cfg = config_of(tag, client)
     state = read_model_weights(tag)
     if isinstance(state, list):  # one state dict of shards per tensor rank
         state = gather_tensor_shards(state, meta_state(cfg))
     check_weights(state, cfg, tag)
-    palette = _palette_of(tag, cfg, client.get("palette_hash"))
+    palette = palette_of(tag, cfg, client.get("palette_hash"))
     metadata = {"source": str(tag.resolve())}
     if "step" in client:
         metadata["step"] = str(client["step"])
@@ -193,7 +188,7 @@ def read_model(path: str | Path) -> tuple[Weights, Config, np.ndarray, dict[str,
 
 
 def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write a training checkpoint (pipeline 1, any tensor and data sizes, ZeRO 0-3) as a consolidated folder `out`."""
+    """Write a training checkpoint (any tensor x pipeline x data layout, ZeRO 0-3) as a consolidated folder `out`."""
     state, cfg, palette, metadata = read_checkpoint(checkpoint)
     return write_consolidated(state, cfg, palette, out, metadata)
 
