@@ -178,7 +178,7 @@ class Report:
             "",
             sweep_markdown(self.layers, self.sweep).rstrip(),
             "",
-            "Probes: standardised features, L-BFGS logistic regression, C from "
+            "Probes: features standardised with every training image, L-BFGS logistic regression, C from "
             "1e-3..1e2 on a stratified 20% of the training labels (C=1 where a class has too few to hold out). "
             f"Fine-tuning: L_gen + {s['clf_weight']:g} L_clf, Adam lr {s['lr']:g}, batch {s['batch_size']}, "
             f"at most {s['steps']} steps; early stopping on a held-out 20% of the labels with all labels, "
@@ -226,21 +226,22 @@ def evaluate_checkpoint(
     layers = list(range(model.cfg.n_layer))
     n_masks = n_masks if model.cfg.objective == "bert" else 1
     d = model.cfg.n_embd
-    train_f, train_y, train_t = _labelled(
-        *split_features(model, shard_dir, "train", layers, device, n_masks=n_masks, progress=progress)
-    )
+    every = split_features(model, shard_dir, "train", layers, device, n_masks=n_masks, progress=progress)
+    train_f, train_y, train_t = _labelled(*every)
     test_f, test_y, test_t = _labelled(
         *split_features(model, shard_dir, "val", layers, device, n_masks=n_masks, progress=progress)
     )
     if len(test_y) == 0 or len(np.unique(train_y)) < 2:
         raise DataError(f"the report needs labelled train and val images of at least two classes in {shard_dir}")
     train_raw, test_raw = raw_pixel_features(train_t, palette), raw_pixel_features(test_t, palette)
+    # Few-label probes standardise with every training image, labelled or not (probe.SCALING).
+    pool_f, pool_raw = every[0], raw_pixel_features(every[2], palette)
 
     sweep = layer_sweep((train_f, train_y), (test_f, test_y), layers, d)
     best = layers[int(np.argmax([r.val_accuracy or 0.0 for r in sweep]))]
     window = concat_window(best, model.cfg.n_layer)
     columns = np.concatenate([np.arange(layer * d, (layer + 1) * d) for layer in window])
-    train_c, test_c = train_f[:, columns], test_f[:, columns]
+    train_c, test_c, pool_c = train_f[:, columns], test_f[:, columns], pool_f[:, columns]
 
     rows = []
     for n in per_class:
@@ -248,14 +249,13 @@ def evaluate_checkpoint(
         for seed in seeds if n is not None else seeds[:1]:
             idx = np.arange(len(train_y)) if n is None else low_label_subset(train_y, n, seed)
             y = train_y[idx]
-            row.raw_pixels.append(fit_probe(train_raw[idx], y, test_raw, test_y, seed=seed))
+            row.raw_pixels.append(fit_probe(train_raw[idx], y, test_raw, test_y, seed=seed, scale_with=pool_raw))
             if n is None:
                 row.best_layer.append(sweep[layers.index(best)])
             else:
-                row.best_layer.append(
-                    fit_probe(layer_slice(train_f[idx], best, d), y, layer_slice(test_f, best, d), test_y, seed=seed)
-                )
-            row.concatenated.append(fit_probe(train_c[idx], y, test_c, test_y, seed=seed))
+                train_b, test_b, pool_b = (layer_slice(f, best, d) for f in (train_f[idx], test_f, pool_f))
+                row.best_layer.append(fit_probe(train_b, y, test_b, test_y, seed=seed, scale_with=pool_b))
+            row.concatenated.append(fit_probe(train_c[idx], y, test_c, test_y, seed=seed, scale_with=pool_c))
         row.finetuned.append(
             _finetune_row(
                 model, n_classes, train_t, train_y, (test_t, test_y), n, settings, few_label_finetune_steps, seeds[0]
@@ -285,7 +285,8 @@ def _finetune_row(
     else:
         idx = low_label_subset(labels, per_class, seed)
         train, held = (tokens[idx], labels[idx]), None
-        run = dataclasses.replace(run, steps=few_label_steps)
+        # No held-out labels to stop on: a fixed budget, never above the all-labels row's.
+        run = dataclasses.replace(run, steps=min(few_label_steps, settings.steps))
     _, result = finetune(with_classifier(model, n_classes), train, test, run, held)
     return result
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.linear_model import LogisticRegression
 
 from megapixel.config import ModelConfig, from_dict
 from megapixel.data.shards import read_manifest, write_shards
@@ -139,6 +140,25 @@ def test_a_given_C_is_used_and_too_few_samples_fall_back_to_the_default():
     one_each_x, one_each_y = x[::5], y[::5]
     fallback = fit_probe(one_each_x, one_each_y, x, y)
     assert (fallback.C, fallback.c_choice) == (1.0, "default")
+
+
+def test_the_probe_standardises_with_the_statistics_of_scale_with_when_given_else_of_its_training_set():
+    # Written out with scikit-learn: standardise, then logistic regression at the given C. Overlapping clusters
+    # on offset, unevenly scaled axes, so the choice of statistics moves the boundary.
+    rng = np.random.default_rng(0)
+    y_all = rng.integers(0, 3, 600)
+    x_all = (rng.normal(size=(3, 8))[y_all] + rng.normal(size=(600, 8))) * rng.uniform(0.1, 10, 8) + 3
+    few = low_label_subset(y_all[:400], 2, seed=0)
+    x, y, tx, ty = x_all[few], y_all[few], x_all[400:], y_all[400:]
+
+    def by_hand(stats: np.ndarray) -> float:
+        mean, std = stats.mean(0), stats.std(0)
+        fitted = LogisticRegression(C=1.0, max_iter=1000).fit((x - mean) / std, y)
+        return float(fitted.score((tx - mean) / std, ty))
+
+    pool = x_all[:400]
+    assert fit_probe(x, y, tx, ty, C=1.0, scale_with=pool).accuracy == pytest.approx(by_hand(pool), abs=1 / 200)
+    assert fit_probe(x, y, tx, ty, C=1.0).accuracy == pytest.approx(by_hand(x), abs=1 / 200)
 
 
 def test_the_probe_needs_two_classes():
