@@ -44,6 +44,37 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(describe(load(args.config, args.overrides), args.config))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from megapixel.config import load
+    from megapixel.plan import Cluster
+    from megapixel.plan_search import plan_report
+
+    cluster = Cluster(
+        gpus_per_node=args.gpus_per_node,
+        gpu_memory_gb=args.gpu_memory,
+        peak_tflops=args.peak_tflops,
+        mfu=args.mfu,
+        intra_node_gbps=args.intra_node_gbps,
+        inter_node_gbps=args.inter_node_gbps,
+        host_gbps=args.host_gbps,
+        host_memory_gb=args.host_memory,
+    )
+    cfg = load(args.config, args.overrides)
+    text, data = plan_report(
+        cfg, args.config, args.gpus, cluster, args.batch, args.explain, args.own_layout, not args.no_flash
+    )
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"plan: {args.json}")
+
+
+# Unreadable source files printed by `shards` (the manifest lists them all).
+SHOWN_SKIPS = 10
+
+
 def cmd_shards(args: argparse.Namespace) -> None:
     from megapixel.data.shards import write_shards
     from megapixel.data.sources import open_source
@@ -51,22 +82,31 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
     palette = load_palette(args.palette) if args.palette else None
     source = open_source(args.source)
+    val_source = open_source(args.val_source) if args.val_source else None
+    # A separate val source replaces the held-out share unless a fraction is asked for too (an error).
+    val_fraction = args.val_fraction if args.val_fraction is not None else (0.0 if val_source else 0.1)
     manifest = write_shards(
         source,
         args.out,
         n_px=args.n_px,
         palette=palette,
         k=args.palette_size,
-        val_fraction=args.val_fraction,
+        val_fraction=val_fraction,
         samples_per_shard=args.shard_size,
         seed=args.seed,
         workers=args.workers,
         train_crops=args.train_crops,
+        val_source=val_source,
     )
     splits = ", ".join(f"{name} {info['count']:,}" for name, info in manifest["splits"].items())
     print(f"wrote {args.out}: {splits} images at {args.n_px}x{args.n_px}, {manifest['n_vocab']}-colour palette")
-    if manifest["skipped"]:
-        print(f"skipped {len(manifest['skipped'])} unreadable files (listed in {Path(args.out) / 'manifest.json'})")
+    skipped = manifest["skipped"]
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable files (all listed in {Path(args.out) / 'manifest.json'}):")
+        for path, reason in skipped[:SHOWN_SKIPS]:
+            print(f"  {path}: {reason}")
+        if len(skipped) > SHOWN_SKIPS:
+            print(f"  ... and {len(skipped) - SHOWN_SKIPS} more")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -154,6 +194,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), steps=args.steps)
 
 
+CHECKPOINT_HELP = "a run folder, its checkpoints folder, one checkpoint, or a consolidated or HF ImageGPT folder"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one sub-command per job."""
     parser = argparse.ArgumentParser(prog="megapixel", description="Train Image GPT from a laptop to a cluster.")
@@ -169,13 +212,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("plan", help="memory and time a GPU of a layout; the fastest layouts that fit (docs/scaling.md)")
+    p.add_argument("config", help="a preset (e.g. xl-64) or a YAML config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 256], help="GPU counts (default 8 64 256)")
+    p.add_argument("--batch", type=int, default=None, help="global batch in images (default: train.batch_size)")
+    p.add_argument("--own-layout", action="store_true", help="estimate the config's own layout instead of searching")
+    p.add_argument("--explain", action="store_true", help="show the runners-up and why other layouts were rejected")
+    p.add_argument("--no-flash", action="store_true", help="attention keeps its (seq x seq) scores (math kernels)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB a GPU (default 80)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (default 989: H100 SXM)")
+    p.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilisation assumed (default 0.45)")
+    p.add_argument("--intra-node-gbps", type=float, default=450.0, help="GB/s one way in a node (default 450)")
+    p.add_argument("--inter-node-gbps", type=float, default=50.0, help="GB/s a GPU between nodes (default 50)")
+    p.add_argument("--host-gbps", type=float, default=25.0, help="GB/s between host and GPU (default 25)")
+    p.add_argument("--host-memory", type=float, default=2048.0, help="GB of host memory a node (default 2048)")
+    p.add_argument("--json", help="also write the plan as JSON here")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("shards", help="palette-encode images into webdataset shards")
     p.add_argument("source", help="'digits', an image folder, ImageNet val, CIFAR python, .npy, or .tar (docs/data.md)")
     p.add_argument("out", help="new folder for the shard set")
     p.add_argument("--n-px", type=int, default=32, help="resolution of the stored images (default 32)")
     p.add_argument("--palette", help="an existing palette .npy (k x 3 in [-1, 1]); default: fit one")
     p.add_argument("--palette-size", type=int, default=512, help="colours when fitting a palette (default 512)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of images held out (default 0.1)")
+    p.add_argument("--val-fraction", type=float, help="share of images held out (default 0.1; 0 with --val-source)")
+    p.add_argument(
+        "--val-source",
+        help="validation images (e.g. ImageNet's val folder), centre-cropped, instead of a held-out share",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
@@ -191,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample images and completions from a checkpoint")
-    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
     p.add_argument("--n", type=int, default=16, help="unconditional samples (default 16)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -203,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("probe", help="linear probe of a checkpoint's features vs raw pixels")
-    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--layers", type=_layers, default=None, help="blocks to concatenate, e.g. 1,2 (default: middle)")
     p.add_argument("--shards", help="labelled shard set (default: the run's)")
     p.add_argument("--per-class", type=_per_class, default=[None, 10], help="labellings, e.g. all,10 (default)")
@@ -215,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint with a classification head (L_gen + lambda L_clf)")
-    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--shards", help="labelled shard set (default: the run's)")
     p.add_argument("--out", help="new folder for the fine-tuned run and finetune.json")
     p.add_argument("--per-class", type=int, default=None, help="labels per class (default: all)")
@@ -227,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("report", help="raw pixels vs best layer vs concatenated layers vs fine-tuning, as markdown")
-    p.add_argument("checkpoint", help="a run folder, its checkpoints folder, or one checkpoint")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--out", default="report", help="folder for report.md, report.json, sweep.png (default ./report)")
     p.add_argument("--shards", help="labelled shard set (default: the run's)")
     p.add_argument("--per-class", type=_per_class, default=[None, 1, 5, 10], help="labellings (default all,1,5,10)")
