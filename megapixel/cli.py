@@ -307,7 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command; user mistakes print one line and exit 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse does not go back to a positional list after an option, so the overrides of
+    # `train CONFIG --resume train.lr=1e-4` (as launchers that append --resume write it) are left over.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides, extra = args.overrides + extra, []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except MegapixelError as e:

@@ -38,6 +38,13 @@ def test_a_config_typo_is_one_line(tmp_path):
     assert_one_line_error(megapixel("train", str(tmp_path / "nope.yaml")), "config file not found")
 
 
+def test_overrides_after_an_option_are_still_overrides(tmp_path):
+    # Launchers append --resume before the user's overrides; the override must reach the config (and fail there).
+    assert_one_line_error(megapixel("train", "tiny", "--resume", "model.n_head=7"), "model.n_head (7) must divide")
+    result = megapixel("train", "tiny", "--resume", "--no-such-option")
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-option" in result.stderr
+
+
 def test_a_missing_source_is_one_line(tmp_path):
     assert_one_line_error(megapixel("shards", str(tmp_path / "missing"), str(tmp_path / "out")), "no such file")
     assert not (tmp_path / "out").exists()
