@@ -158,7 +158,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from megapixel.finetune import finetune_command, settings_from
 
     settings = settings_from(
-        {"clf_weight": args.clf_weight, "lr": args.lr, "steps": args.steps, "batch_size": args.batch_size}
+        {
+            "clf_weight": args.clf_weight,
+            "lr": args.lr,
+            "head_lr_scale": args.head_lr_scale,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+        }
     )
     result = finetune_command(args.checkpoint, args.out, args.shards, args.per_class, settings, _device(args.device))
     held = "" if result.val_accuracy is None else f", held-out {100 * result.val_accuracy:.1f}%"
@@ -287,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=None, help="labels per class (default: all)")
     p.add_argument("--clf-weight", type=float, default=None, help="lambda in L_gen + lambda L_clf (default 1)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 3e-4)")
+    p.add_argument("--head-lr-scale", type=float, default=None, help="the new head's rate is lr x this (default 10)")
     p.add_argument("--steps", type=int, default=None, help="most steps (default 300)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default 32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

@@ -180,9 +180,10 @@ class Report:
             "",
             "Probes: features standardised with every training image, L-BFGS logistic regression, C from "
             "1e-3..1e2 on a stratified 20% of the training labels (C=1 where a class has too few to hold out). "
-            f"Fine-tuning: L_gen + {s['clf_weight']:g} L_clf, Adam lr {s['lr']:g}, batch {s['batch_size']}, "
-            f"at most {s['steps']} steps; early stopping on a held-out 20% of the labels with all labels, "
-            "a fixed budget with few labels (there are none to hold out); one seed per row.",
+            f"Fine-tuning: L_gen + {s['clf_weight']:g} L_clf, Adam lr {s['lr']:g} (the new head "
+            f"{s['lr'] * s['head_lr_scale']:g}), batch {s['batch_size']}; with all labels at most {s['steps']} steps, "
+            f"early stopping on a held-out 20% of them; with few labels a fixed {s['few_label_steps']} steps (there "
+            "are none to hold out); one seed per row.",
         ]
         if self.bert_val_loss is not None:
             lines += ["", f"BERT val loss (masked tokens, averaged over masks): {self.bert_val_loss:.4f}"]
@@ -263,7 +264,8 @@ def evaluate_checkpoint(
         )
         rows.append(row)
     loss = bert_val_loss(model, test_t, n_masks) if model.cfg.objective == "bert" else None
-    return Report(str(ckpt), len(test_y), layers, sweep, best, window, rows, dataclasses.asdict(settings), loss)
+    finetuning = {**dataclasses.asdict(settings), "few_label_steps": min(few_label_finetune_steps, settings.steps)}
+    return Report(str(ckpt), len(test_y), layers, sweep, best, window, rows, finetuning, loss)
 
 
 def _finetune_row(

@@ -34,6 +34,9 @@ class FinetuneSettings:
     clf_weight: float = 1.0
     # The paper's best fine-tuning rates were often ~10x below pre-training's.
     lr: float = 3e-4
+    # The head starts from zero and has to be learned from scratch while the pre-trained body only needs
+    # nudging: its rate is lr * head_lr_scale.
+    head_lr_scale: float = 10.0
     steps: int = 300
     batch_size: int = 32
     # Validation accuracy is measured every eval_every steps; training stops after `patience` evaluations
@@ -51,6 +54,8 @@ class FinetuneSettings:
             raise ConfigError(f"the classification loss weight must be >= 0, got {self.clf_weight}")
         if not self.lr > 0:
             raise ConfigError(f"the fine-tuning learning rate must be positive, got {self.lr}")
+        if not self.head_lr_scale > 0:
+            raise ConfigError(f"the head's learning-rate scale must be positive, got {self.head_lr_scale}")
         for name in ("steps", "batch_size", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"fine-tuning {name} must be at least 1, got {getattr(self, name)}")
@@ -137,9 +142,10 @@ def finetune(
     device = next(model.parameters()).device
     rng = np.random.default_rng(settings.seed)
     masks = torch.Generator(device=device).manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2), weight_decay=0.0
-    )
+    head = list(model.clf.parameters())
+    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    groups = [{"params": body, "lr": settings.lr}, {"params": head, "lr": settings.lr * settings.head_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, betas=(settings.beta1, settings.beta2), weight_decay=0.0)
     history: list[dict[str, float]] = []
     best_acc, best_step, best_state, stale = None, 0, None, 0
     model.train()

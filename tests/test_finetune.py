@@ -121,11 +121,24 @@ def test_fine_tuning_learns_a_class_the_tokens_show_and_keeps_the_best_weights()
     assert result.best_step in [h["step"] for h in result.history] and result.n_train == 64
 
 
+def test_the_fresh_head_learns_head_lr_scale_times_faster_than_the_pretrained_body():
+    model = with_classifier(tiny_model(n_classes=0), 2)
+    before = {name: t.detach().clone() for name, t in model.named_parameters()}
+    settings = FinetuneSettings(lr=1e-3, head_lr_scale=7.0, steps=1, batch_size=8, grad_clip=0.0)
+    finetune(model, class_images(8), class_images(8), settings)
+    moved = {name: (t.detach() - before[name]).abs().max().item() for name, t in model.named_parameters()}
+    # Adam's first step moves every weight with a gradient by its group's rate exactly (m / sqrt(v) = +-1).
+    assert moved.pop("clf.weight") == pytest.approx(7e-3, rel=1e-3)
+    assert max(moved.values()) == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_bad_settings_and_no_labels_say_what_to_fix():
     model = with_classifier(tiny_model(n_classes=0), 2)
     data = class_images(8)
     with pytest.raises(ConfigError, match="learning rate"):
         finetune(model, data, data, FinetuneSettings(lr=0.0))
+    with pytest.raises(ConfigError, match="head's learning-rate scale"):
+        finetune(model, data, data, FinetuneSettings(head_lr_scale=0.0))
     with pytest.raises(ConfigError, match="steps"):
         finetune(model, data, data, FinetuneSettings(steps=0))
     with pytest.raises(DataError, match="labelled"):

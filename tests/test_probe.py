@@ -333,4 +333,7 @@ def test_the_report_compares_raw_pixels_layers_and_fine_tuning_for_each_labellin
     assert text == report.to_markdown()
     assert f"| labelling | raw pixels | best layer ({report.best_layer}) | layers 0, 1 | fine-tuned |" in text
     assert "| 2 per class (4, 2 seeds) |" in text
+    # The footnote says the budgets each row ran, and the new head's own rate.
+    assert "with all labels at most 4 steps" in text and "with few labels a fixed 3 steps" in text
+    assert f"(the new head {settings.lr * settings.head_lr_scale:g})" in text
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["report.json", "report.md", "sweep.png"]
