@@ -216,6 +216,8 @@ def evaluate_checkpoint(
         raise ConfigError("the report needs at least one seed")
     settings = finetune_settings or FinetuneSettings()
     settings.check()
+    # Few labels leave none to hold out for early stopping: a fixed budget, never above the all-labels row's.
+    few_label_steps = min(few_label_finetune_steps, settings.steps)
     model, cfg, palette = load_model(ckpt, device=device)
     shard_dir = shards or cfg.data.shards
     if not shard_dir:
@@ -258,13 +260,11 @@ def evaluate_checkpoint(
                 row.best_layer.append(fit_probe(train_b, y, test_b, test_y, seed=seed, scale_with=pool_b))
             row.concatenated.append(fit_probe(train_c[idx], y, test_c, test_y, seed=seed, scale_with=pool_c))
         row.finetuned.append(
-            _finetune_row(
-                model, n_classes, train_t, train_y, (test_t, test_y), n, settings, few_label_finetune_steps, seeds[0]
-            )
+            _finetune_row(model, n_classes, train_t, train_y, (test_t, test_y), n, settings, few_label_steps, seeds[0])
         )
         rows.append(row)
     loss = bert_val_loss(model, test_t, n_masks) if model.cfg.objective == "bert" else None
-    finetuning = {**dataclasses.asdict(settings), "few_label_steps": min(few_label_finetune_steps, settings.steps)}
+    finetuning = {**dataclasses.asdict(settings), "few_label_steps": few_label_steps}
     return Report(str(ckpt), len(test_y), layers, sweep, best, window, rows, finetuning, loss)
 
 
@@ -279,7 +279,8 @@ def _finetune_row(
     few_label_steps: int,
     seed: int,
 ) -> FinetuneResult:
-    """Fine-tune a fresh copy of `model` with all labels (early stopping on 20% of them) or `per_class` per class."""
+    """Fine-tune a fresh copy of `model` with all labels (early stopping on 20% of them) or, for `few_label_steps`,
+    `per_class` per class."""
     run = dataclasses.replace(settings, seed=seed)
     if per_class is None:
         fit, val = held_out_split(labels, 0.2, seed)
@@ -287,8 +288,7 @@ def _finetune_row(
     else:
         idx = low_label_subset(labels, per_class, seed)
         train, held = (tokens[idx], labels[idx]), None
-        # No held-out labels to stop on: a fixed budget, never above the all-labels row's.
-        run = dataclasses.replace(run, steps=min(few_label_steps, settings.steps))
+        run = dataclasses.replace(run, steps=few_label_steps)
     _, result = finetune(with_classifier(model, n_classes), train, test, run, held)
     return result
 

@@ -142,8 +142,9 @@ def finetune(
     device = next(model.parameters()).device
     rng = np.random.default_rng(settings.seed)
     masks = torch.Generator(device=device).manual_seed(settings.seed)
-    head = list(model.clf.parameters())
-    body = [p for p in model.parameters() if all(p is not h for h in head)]
+    # The head is `clf.*`, as in with_classifier.
+    head = [p for name, p in model.named_parameters() if name.startswith("clf.")]
+    body = [p for name, p in model.named_parameters() if not name.startswith("clf.")]
     groups = [{"params": body, "lr": settings.lr}, {"params": head, "lr": settings.lr * settings.head_lr_scale}]
     optimizer = torch.optim.AdamW(groups, betas=(settings.beta1, settings.beta2), weight_decay=0.0)
     history: list[dict[str, float]] = []
