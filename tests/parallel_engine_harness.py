@@ -45,10 +45,12 @@ def model_name(name: str, n_layer: int) -> str:
     return rest
 
 
-def run_engine(cfg: Config, groups: ParallelGroups, batches: list) -> dict[str, Any]:
+def run_engine(cfg: Config, groups: ParallelGroups, batches: list, jitter: int | None = None) -> dict[str, Any]:
     """Train cfg's engine on the global `batches`: data rank d takes pieces d*accum ... of each, one per
     micro-step. Returns each step's mean loss, the second step's gradients as the optimizer gets them (after
-    clipping; ZeRO-0 only) and this rank's final weights, under IGPT's names."""
+    clipping; ZeRO-0 only) and this rank's final weights, under IGPT's names. With a `jitter` seed, each gradient
+    gets uniform noise of one fp32 ulp of its tensor's largest element before each step (ZeRO-0): a one-process
+    run whose sums were rounded differently, which tells how far rounding alone carries this training."""
     info = init_distributed()
     engine = build_engine(cfg, deepspeed_config(cfg, groups.data_size, info.device), info, groups)
     accum = engine.gradient_accumulation_steps()
@@ -64,8 +66,17 @@ def run_engine(cfg: Config, groups: ParallelGroups, batches: list) -> dict[str, 
             grads.update({n: p.grad.clone() for n, p in params if p.grad is not None})
         steps["done"] += 1
 
+    def perturb(optimizer: Any, args: Any, kwargs: Any) -> None:
+        for _, p in params:
+            if p.grad is not None:
+                ulp = torch.finfo(p.grad.dtype).eps * p.grad.abs().max()
+                p.grad += ulp * (2 * torch.rand(p.grad.shape, generator=noise) - 1)
+
     if isinstance(engine.optimizer, torch.optim.Optimizer) and cfg.parallel.zero_stage == 0:
         engine.optimizer.register_step_pre_hook(capture)
+        if jitter is not None:
+            noise = torch.Generator().manual_seed(jitter)
+            engine.optimizer.register_step_pre_hook(perturb)
     losses = []
     for step, (tokens, labels) in enumerate(batches):
         n = groups.data_size * accum

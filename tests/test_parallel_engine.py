@@ -44,8 +44,14 @@ LAYOUTS = {
 }
 SPLIT_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "c_fc.weight", "wte.weight", "head.weight")
 SPLIT_COLUMNS = ("attn.c_proj.weight", "mlp.c_proj.weight")
-# Split matmuls and all-reduces add the same fp32 products in another order: a dozen ulps of the largest
-# element, as tests/test_parallel_training.py measured; ten times that is allowed.
+# The layouts add the same fp32 products in another order (split matmuls, all-reduces, micro-batches), and
+# Adam turns the rounding of near-zero gradients into steps of length lr, so how far a result may move depends
+# on the seed; it is measured, not guessed: one process is rerun JITTERS times with its gradients rounded
+# differently (one ulp of noise), and a layout may differ from the plain run by at most FACTOR times the
+# largest of those reruns' differences, or by ROUNDING of the tensor's largest element (a dozen fp32 ulps,
+# ten times over) where training carries rounding no further.
+# On the five seeds that defeated a fixed 1e-5 bound (2026-12-03) the largest factor a layout needed was 1.3.
+JITTERS, FACTOR = 3, 4
 ROUNDING = 1e-5
 # Adam steps of weights whose gradients are near its eps follow the rounding (see test_parallel_training.py):
 # final weights agree to a fraction of one step of length lr.
@@ -75,16 +81,18 @@ def batches():
 
 @pytest.fixture(scope="module")
 def reference(batches):
-    """reference(model, data, zero) -> one process accumulating `data` micro-batches per step."""
+    """reference(model, data, jitter) -> one process accumulating `data` micro-batches per step, its gradients
+    jittered by one ulp when `jitter` seeds it."""
     torch.set_num_threads(1)
     cache = {}
 
-    def get(model: str, data: int) -> dict:
-        if (model, data) not in cache:
+    def get(model: str, data: int, jitter: int | None = None) -> dict:
+        if (model, data, jitter) not in cache:
             cfg = engine_config(MODELS[model], {}, SEED, BATCH, LR, micro_batch=BATCH // data)
             info = init_distributed()
-            cache[model, data] = run_engine(cfg, make_groups(ParallelConfig(), info.world_size, info.rank), batches)
-        return cache[model, data]
+            groups = make_groups(ParallelConfig(), info.world_size, info.rank)
+            cache[model, data, jitter] = run_engine(cfg, groups, batches, jitter)
+        return cache[model, data, jitter]
 
     return get
 
@@ -106,29 +114,39 @@ def parallel(batches):
     return get
 
 
+def assert_as_close_as_rounding_carries(actual: torch.Tensor, plain: torch.Tensor, jittered: list, what: str):
+    """`actual` is within FACTOR times the jittered runs' largest distance from the plain one-process result,
+    or within ROUNDING of its largest element."""
+    error = (actual - plain).abs().max().item()
+    spread = max((j - plain).abs().max().item() for j in jittered)
+    bound = max(FACTOR * spread, ROUNDING * plain.abs().max().item())
+    assert error <= bound, (
+        f"{what} (seed {SEED}): {error:.3g} off, jittered one process {spread:.3g}, bound {bound:.3g}"
+    )
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_engine_losses_and_gradients_match_single_process_over_five_steps(parallel, reference, model, layout):
     section, world = LAYOUTS[layout]
     tensor = section["tensor"]
-    ref = reference(model, world // (tensor * section.get("pipeline", 1)))
+    data = world // (tensor * section.get("pipeline", 1))
+    plain = reference(model, data)
+    jittered = [reference(model, data, jitter) for jitter in range(JITTERS)]
     for run in parallel(model, layout):
-        torch.testing.assert_close(
-            torch.tensor(run["losses"]),
-            torch.tensor(ref["losses"]),
-            rtol=ROUNDING,
-            atol=0,
-            msg=lambda m: f"{model} {layout} losses (seed {SEED}): {m}",
+        losses = [torch.tensor(r["losses"]) for r in jittered]
+        assert_as_close_as_rounding_carries(
+            torch.tensor(run["losses"]), torch.tensor(plain["losses"]), losses, f"{model} {layout} losses"
         )
         if section.get("zero_stage", 0):
             continue  # ZeRO keeps gradients in its partitioned buffers, not in .grad; the losses pin it
         # A pipeline stage holds only its own layers.
-        assert run["grads"].keys() <= ref["grads"].keys() and run["grads"]
+        assert run["grads"].keys() <= plain["grads"].keys() and run["grads"]
         for name, grad in run["grads"].items():
-            full = ref["grads"][name]
-            expected = shard_of(name, full, run["tensor_rank"], tensor)
-            atol = ROUNDING * full.abs().max().item()
-            torch.testing.assert_close(grad, expected, rtol=0, atol=atol, msg=lambda m, n=name: f"{n} {SEED}: {m}")
+            plain_shard, *others = (
+                shard_of(name, r["grads"][name], run["tensor_rank"], tensor) for r in (plain, *jittered)
+            )
+            assert_as_close_as_rounding_carries(grad, plain_shard, others, f"{model} {layout} {name}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
