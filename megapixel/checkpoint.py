@@ -218,7 +218,8 @@ def _load_weights(model: IGPT, weights: dict[str, torch.Tensor], tag: Path) -> N
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise CheckpointError(f"{tag} lacks {missing[0]}: the config does not match it")
-    model.load_state_dict(weights)
+    # Allocated uninitialised: the checkpoint fills every weight (checked above), so random ones would be waste.
+    model.to_empty(device="cpu").load_state_dict(weights)
 
 
 def config_of(tag: Path, state: dict[str, Any]) -> Config:
@@ -265,7 +266,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IG
     tag = resolve_checkpoint(path)
     state = read_client_state(tag)
     cfg = config_of(tag, state)
-    model = IGPT(cfg.model)
+    with torch.device("meta"):
+        model = IGPT(cfg.model)
     weights = read_model_weights(tag)
     if isinstance(weights, list):
         weights = gather_tensor_shards(weights, model.state_dict())

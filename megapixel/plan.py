@@ -104,7 +104,7 @@ class Estimate:
     after_backward: float = 0.0
     in_step: float = 0.0
     peak: float = 0.0
-    build: float = 0.0  # megapixel builds the whole fp32 model on each device before sharding it
+    build: float = 0.0  # a rank's fp32 weights as build_engine makes them, one full weight being sliced beside them
     cpu: float = 0.0  # host memory per GPU for offloaded state
     times: dict[str, float] = field(default_factory=dict)
     step_s: float = 0.0
@@ -132,9 +132,11 @@ def parameter_shapes(cfg: Config) -> list[tuple[str, int, bool]]:
 
 
 def stage_blocks(cfg: Config, layout: Layout, stage: int) -> range:
-    """The blocks pipeline stage `stage` runs: an even split, the last stage taking what is left."""
-    per_stage = math.ceil(cfg.model.n_layer / layout.pipeline)
-    return range(min(cfg.model.n_layer, stage * per_stage), min(cfg.model.n_layer, (stage + 1) * per_stage))
+    """The blocks pipeline stage `stage` runs, as the trainer's PipelineModule (partitioned by block count)
+    splits them: as evenly as they go, the first n_layer % pipeline stages one more."""
+    base, extra = divmod(cfg.model.n_layer, layout.pipeline)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
 
 
 def stage_tensors(cfg: Config, layout: Layout, stage: int) -> list[int]:
@@ -237,7 +239,8 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster) -> Estimate:
             est.working = 2 * (2 * block_params + DS_PREFETCH_BUCKET)
         # Backward frees activations as it makes gradients; counting both at once is an upper bound.
         est.peak = max(est.after_backward + est.working + est.activations, est.in_step)
-        est.build = 4 * sum(x for _, x, _ in parameter_shapes(cfg))
+        # Before DeepSpeed casts and partitions them: this rank's slices, made one full weight at a time.
+        est.build = 4 * (sum(tensors) + max(x for _, x, _ in parameter_shapes(cfg)))
         if worst is None or est.peak > worst.peak:
             worst = est
     assert worst is not None

@@ -74,7 +74,7 @@ def rejection(cfg: Config, layout: Layout, cluster: Cluster, est: Estimate | Non
     if est.cpu * per_node > host:
         return f"offloaded state {est.cpu * per_node / GB:.0f} GB a node > {host / GB:.0f} GB usable host memory"
     if est.build > usable:
-        return f"building the fp32 model before sharding takes {est.build / GB:.1f} GB > {usable / GB:.1f} GB usable"
+        return f"building its fp32 weights takes {est.build / GB:.1f} GB > {usable / GB:.1f} GB usable"
     return None
 
 
@@ -107,7 +107,7 @@ def format_estimate(est: Estimate, cluster: Cluster) -> str:
         f"{est.grads / GB:.2f}, fp32 master + Adam {est.optimizer / GB:.2f}, fp32 step gradients "
         f"{est.step_grads / GB:.2f}, DeepSpeed buffers {est.buffers / GB:.2f} (+{est.working / GB:.2f} in forward and "
         f"backward), activations {est.activations / GB:.2f}",
-        f"  peak {est.peak / GB:.1f} GB of {cluster.gpu_memory_gb:.0f} GB; building the fp32 model first "
+        f"  peak {est.peak / GB:.1f} GB of {cluster.gpu_memory_gb:.0f} GB; building its fp32 weights "
         f"{est.build / GB:.1f} GB" + (f"; host memory {est.cpu / GB:.1f} GB a GPU" if est.cpu else ""),
         "  step " + f"{est.step_s:.3f} s = " + " + ".join(f"{k} {v:.3f}" for k, v in est.times.items() if v),
         f"  {est.tokens_per_s:,.0f} tokens/s ({est.tokens_per_s / lay.gpus:,.0f} a GPU), "

@@ -25,6 +25,7 @@ from megapixel.errors import ConfigError, DataError
 from megapixel.metrics import MetricsLog
 from megapixel.model import IGPT
 from megapixel.model.igpt import Block
+from megapixel.model.init import materialize
 from megapixel.nonfinite import SkipCounter, guard_optimizer
 from megapixel.parallel import ParallelGroups, make_groups, parallel_loss, tensor_parallelize, validate_layout
 from megapixel.parallel.mpu import ModelParallelUnit
@@ -158,25 +159,29 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo, groups:
 
     if groups is None:
         groups = make_groups(cfg.parallel, info.world_size, info.rank)
-    # Every rank builds the same initial weights (DeepSpeed would broadcast rank 0's anyway), directly on
-    # its device: no host copy of the whole model per rank. Tensor ranks then keep their slices of them.
+    # Built on the meta device (no memory), laid out there, then each rank gives only the weights it holds their
+    # values: the slices of its tensor rank, in its pipeline stage (megapixel.model.init). Every layout starts
+    # from the weights one process would make from the same seed.
     seed_all(cfg.train.seed)
-    with torch.device(info.device):
+    with torch.device("meta"):
         model = IGPT(cfg.model)
     if cfg.train.init_from:
         # Imported here: megapixel.convert imports the checkpoint module, and most runs never need it.
         from megapixel.convert.loading import load_initial_weights
 
         # The whole model is filled before it is split, so every layout starts from the same weights.
+        materialize(model, info.device)
         load_initial_weights(model, cfg)
     tensor_group = None
     if groups.tensor_size > 1:
         tensor_group = groups.tensor
         tensor_parallelize(model, tensor_group)
+    own = functools.partial(materialize, model, info.device, groups.tensor_rank, groups.tensor_size)
     if groups.pipeline_size > 1:
-        module = pipeline_module(model, groups, cfg.parallel.activation_checkpointing)
+        module = pipeline_module(model, groups, cfg.parallel.activation_checkpointing, own)
         mpu = None  # the PipelineModule brings its own grid, in the same rank order as `groups`
     else:
+        own()
         if cfg.parallel.activation_checkpointing:
             checkpoint_blocks(model)
         module = LossModule(model, tensor_group)

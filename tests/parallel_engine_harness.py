@@ -5,6 +5,7 @@ Spawned processes import only this module and parallel_harness, which starts the
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Any
@@ -154,3 +155,40 @@ def interrupted_run_worker(rank: int, world_size: int, cfg: Config, other: Confi
     except Exception as e:  # the test reads the message each rank gave
         refused = f"{type(e).__name__}: {e}"
     return {"straight": straight, "resumed": resumed, "refused": refused}
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _resident_bytes(field: str) -> int:
+    """This process's VmRSS (resident now) or VmHWM (peak resident) from /proc, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def build_memory_worker(rank: int, world_size: int, model: dict, parallel: dict) -> dict[str, int]:
+    """How far this process's peak resident memory grows while build_engine lays `model` out under `parallel`,
+    and the bytes of the weights the engine then holds here."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    os.environ["LOCAL_RANK"] = str(rank)  # the pipeline module reads it; one node: local rank = rank
+    # glibc would raise its mmap threshold after the first large free and keep later freed weights resident in
+    # its heap; a fixed threshold returns every large block on free, so the peak is what was really held.
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    info = init_distributed()
+
+    def build(model: dict) -> Any:
+        cfg = engine_config(model, parallel, seed=0, batch=4, lr=1e-3)
+        groups = make_groups(cfg.parallel, world_size, rank)
+        return build_engine(cfg, deepspeed_config(cfg, groups.data_size, info.device), info, groups)
+
+    # A small engine first: DeepSpeed's lazily imported modules and first-use buffers are then resident already.
+    build({**model, "n_embd": 64, "n_head": 4})
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the resident size
+    before = _resident_bytes("VmRSS")
+    engine = build(model)
+    grown = _resident_bytes("VmHWM") - before
+    return {"grown": grown, "held": sum(p.numel() * p.element_size() for p in engine.module.parameters())}

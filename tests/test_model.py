@@ -8,6 +8,7 @@ import torch
 from megapixel.config import ModelConfig, preset
 from megapixel.info import parameter_counts
 from megapixel.model import IGPT
+from megapixel.model.init import materialize
 
 
 def small_config(**kw) -> ModelConfig:
@@ -107,6 +108,39 @@ def test_initialisation_follows_the_reference():
     # A zero head predicts the uniform distribution: the first loss is log(vocabulary).
     loss, _ = model.loss(torch.randint(0, 512, (2, 256)))
     assert loss.item() == pytest.approx(math.log(512), rel=1e-6)
+
+
+def test_a_model_built_on_the_meta_device_and_materialized_equals_one_built_directly():
+    cfg = small_config(n_classes=3)
+    seed = torch.seed()
+    direct = IGPT(cfg)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        lazy = IGPT(cfg)
+    assert all(p.is_meta for p in lazy.parameters())
+    materialize(lazy, "cpu")
+    assert lazy.state_dict().keys() == direct.state_dict().keys()
+    for name, tensor in direct.state_dict().items():
+        assert torch.equal(lazy.state_dict()[name], tensor), name
+    assert not torch.equal(IGPT(cfg).wte.weight, direct.wte.weight)  # the next model draws another seed
+
+
+def test_each_weight_has_its_own_stream_so_a_shard_is_made_without_the_others():
+    cfg = small_config()
+    torch.manual_seed(0)
+    full = IGPT(cfg)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        lazy = IGPT(cfg)
+    # What megapixel.parallel leaves behind: q_proj's rows split two ways (this is rank 1), the rest untouched.
+    shard = torch.nn.Parameter(lazy.blocks[1].attn.q_proj.weight.chunk(2, dim=0)[1].clone())
+    shard.tensor_model_parallel, shard.partition_dim = True, 0
+    lazy.blocks[1].attn.q_proj.weight = shard
+    materialize(lazy, "cpu", tensor_rank=1, tensor_size=2, only=lambda name: name.startswith("blocks.1."))
+    assert torch.equal(lazy.blocks[1].attn.q_proj.weight, full.blocks[1].attn.q_proj.weight.chunk(2)[1])
+    assert lazy.blocks[1].attn.q_proj.weight.partition_dim == 0  # the shard's marks are kept
+    assert torch.equal(lazy.blocks[1].mlp.c_fc.weight, full.blocks[1].mlp.c_fc.weight)
+    assert lazy.blocks[0].attn.q_proj.weight.is_meta and lazy.wte.weight.is_meta  # not asked for: no memory
 
 
 def test_classification_head_mean_pools_the_final_normed_states():

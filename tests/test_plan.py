@@ -22,6 +22,7 @@ from megapixel.plan import (
     estimate,
     head_activation_bytes,
     parameter_shapes,
+    stage_blocks,
     stage_tensors,
 )
 from megapixel.plan_search import config_layout, search
@@ -274,3 +275,16 @@ def test_plan_command_prints_and_writes_a_recommendation_per_gpu_count(tmp_path,
     assert [p["gpus"] for p in plans] == [8, 64] and all(p["best"]["peak"] > 0 for p in plans)
     assert main(["plan", "xl-64", "--gpus", "0"]) == 2
     assert "at least one GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_layer, stages", [(4, 2), (5, 2), (10, 4), (36, 8), (60, 8)])
+def test_stage_blocks_are_the_pipeline_modules_partition(n_layer, stages):
+    from deepspeed.runtime.utils import partition_balanced
+
+    cfg = from_dict({"model": {**ENGINE_MODEL, "n_layer": n_layer}})
+    # megapixel.parallel.pipeline partitions with "type:BlockStage": weight one for each block, none for the
+    # embedding and head layers around them.
+    parts = partition_balanced(weights=[0] + [1] * n_layer + [0], num_parts=stages)
+    for stage in range(stages):
+        layers = range(max(parts[stage], 1), min(parts[stage + 1], n_layer + 1))
+        assert stage_blocks(cfg, Layout(pipeline=stages), stage) == range(layers.start - 1, layers.stop - 1)

@@ -7,7 +7,6 @@ untied zero-initialised output head and an optional classification head.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from megapixel.config import ModelConfig
 from megapixel.model import ops
+from megapixel.model.init import initial_value
 
 NORM_EPS = 1e-5
 
@@ -122,6 +122,9 @@ class IGPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # Drawn first, from torch's global generator on the host, so that a model built on the meta device
+        # (megapixel.model.init.materialize gives it values later) starts from the same weights as one built here.
+        self.init_seed = int(torch.randint(2**62, (), device="cpu"))
         d = cfg.n_embd
         self.wte = nn.Embedding(cfg.n_vocab, d)
         self.wpe = nn.Embedding(cfg.n_ctx, d)
@@ -130,28 +133,16 @@ class IGPT(nn.Module):
         self.ln_f = Norm(d, cfg.kernels)
         self.head = nn.Linear(d, cfg.n_vocab, bias=False)
         self.clf = nn.Linear(d, cfg.n_classes, bias=False) if cfg.n_classes else None
-        self.reset_parameters()
+        if not self.sos.is_meta:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The reference init: q/k/v 1/sqrt(d), attention out 1/sqrt(d*L), MLP and wte 0.02,
-        wpe 0.01, sos 0.02, output and classification heads zero, norm gains one."""
-        d, n_layer = self.cfg.n_embd, self.cfg.n_layer
-        nn.init.normal_(self.wte.weight, std=0.02)
-        nn.init.normal_(self.wpe.weight, std=0.01)
-        nn.init.normal_(self.sos, std=0.02)
-        for block in self.blocks:
-            for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
-                nn.init.normal_(proj.weight, std=1 / math.sqrt(d))
-            nn.init.normal_(block.attn.c_proj.weight, std=1 / math.sqrt(d * n_layer))
-            nn.init.normal_(block.mlp.c_fc.weight, std=0.02)
-            nn.init.normal_(block.mlp.c_proj.weight, std=0.02)
-            block.norm1.weight.fill_(1.0)
-            block.norm2.weight.fill_(1.0)
-        self.ln_f.weight.fill_(1.0)
-        nn.init.zeros_(self.head.weight)
-        if self.clf is not None:
-            nn.init.zeros_(self.clf.weight)
+        """The reference init (megapixel.model.init): q/k/v 1/sqrt(d), attention out 1/sqrt(d*L), MLP and wte
+        0.02, wpe 0.01, sos 0.02, output and classification heads zero, norm gains one; each weight drawn
+        from its own generator, seeded by init_seed and its name."""
+        for name, param in self.named_parameters():
+            param.copy_(initial_value(name, tuple(param.shape), self.cfg, self.init_seed, param.device))
 
     def embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Input embeddings: AR shifts right behind the SOS vector; BERT zeroes masked positions."""

@@ -1,9 +1,11 @@
 """An IGPT laid out as DeepSpeed PipelineModule layer specs: embedding stage, blocks, final norm + heads + loss.
 
-The same modules as the one-piece model (built from the same seed, then tensor-parallelized) are handed to
-the specs, so every stage holds exactly the weights one process would; DeepSpeed keeps only this stage's
-layers. The micro-batch comes in as (tokens, mask) for the first stage and (tokens, mask, labels) for the
-loss on the last stage: the BERT mask is drawn by the data side, so both ends see the same one.
+The same modules as the one-piece model (built from the same seed on the meta device, then tensor-parallelized)
+are handed to the specs. DeepSpeed builds only this stage's specs, and each stage gives its own weights their
+values as it is built (`own`, megapixel.model.init.materialize): a rank never holds another stage's weights, and
+every stage holds exactly the weights one process would. The micro-batch comes in as (tokens, mask) for the
+first stage and (tokens, mask, labels) for the loss on the last stage: the BERT mask is drawn by the data side,
+so both ends see the same one.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megapixel.model.igpt import IGPT, Block
+from megapixel.model.igpt import IGPT
 from megapixel.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megapixel.parallel.groups import ParallelGroups
 from megapixel.parallel.layers import ColumnParallelLinear
+
+# Gives this rank's weights whose names (IGPT's) a filter accepts their initial values.
+Own = Callable[[Callable[[str], bool]], None]
 
 
 class EmbedStage(nn.Module):
     """wte, wpe and sos of a model: (tokens, mask) -> input embeddings, as IGPT.embed computes them."""
 
-    def __init__(self, model: IGPT) -> None:
+    def __init__(self, model: IGPT, own: Own) -> None:
         super().__init__()
+        own(lambda name: name in ("wte.weight", "wpe.weight", "sos"))
         self.cfg = model.cfg
         self.wte, self.wpe, self.sos = model.wte, model.wpe, model.sos
 
@@ -39,9 +45,10 @@ class EmbedStage(nn.Module):
 class BlockStage(nn.Module):
     """One transformer block (the unit activation checkpointing recomputes)."""
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, model: IGPT, index: int, own: Own) -> None:
         super().__init__()
-        self.block = block
+        own(lambda name: name.startswith(f"blocks.{index}."))
+        self.block = model.blocks[index]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block(h)
@@ -50,8 +57,9 @@ class BlockStage(nn.Module):
 class HeadStage(nn.Module):
     """ln_f, the output head (this tensor rank's vocabulary slice) and the class head."""
 
-    def __init__(self, model: IGPT) -> None:
+    def __init__(self, model: IGPT, own: Own) -> None:
         super().__init__()
+        own(lambda name: name.startswith(("ln_f.", "head.", "clf.")))
         self.ln_f, self.head, self.clf = model.ln_f, model.head, model.clf
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -76,15 +84,16 @@ def pipeline_loss(objective: str, tensor_group: dist.ProcessGroup) -> Callable[[
     return loss_fn
 
 
-def pipeline_module(model: IGPT, groups: ParallelGroups, checkpoint_blocks: bool) -> nn.Module:
-    """A DeepSpeed PipelineModule over `model`'s (already tensor-parallel) modules, partitioned by parameters."""
+def pipeline_module(model: IGPT, groups: ParallelGroups, checkpoint_blocks: bool, own: Own) -> nn.Module:
+    """A DeepSpeed PipelineModule over `model`'s (already tensor-parallel, still meta) modules, the blocks split
+    evenly over the stages; `own(only)` gives this rank's weights that `only` names their values."""
     from deepspeed.pipe import LayerSpec, PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     specs = [
-        LayerSpec(EmbedStage, model),
-        *(LayerSpec(BlockStage, block) for block in model.blocks),
-        LayerSpec(HeadStage, model),
+        LayerSpec(EmbedStage, model, own),
+        *(LayerSpec(BlockStage, model, index, own) for index in range(len(model.blocks))),
+        LayerSpec(HeadStage, model, own),
     ]
     # Axes pipe, data, model with model fastest: the same rank order as megapixel's groups.
     topology = PipeModelDataParallelTopology(
@@ -94,7 +103,9 @@ def pipeline_module(model: IGPT, groups: ParallelGroups, checkpoint_blocks: bool
         layers=specs,
         topology=topology,
         loss_fn=pipeline_loss(model.cfg.objective, groups.tensor),
-        partition_method="parameters",
+        # By block count (GPT-NeoX's "type:transformer"): partitioning "parameters" would build every spec to
+        # count its weights, giving every stage's weights values on every rank.
+        partition_method="type:BlockStage",
         activation_checkpoint_interval=1 if checkpoint_blocks else 0,
         # Only blocks: checkpointing the embedding stage fails (its input needs no gradient).
         checkpointable_layers=["BlockStage"],
