@@ -180,7 +180,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     from megapixel.evaluate import report_command
     from megapixel.finetune import settings_from
 
-    settings = settings_from({"steps": args.finetune_steps, "lr": args.finetune_lr})
+    settings = settings_from(
+        {"steps": args.finetune_steps, "lr": args.finetune_lr, "head_lr_scale": args.finetune_head_lr_scale}
+    )
     report = report_command(
         args.checkpoint,
         args.out,
@@ -307,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per few-label row (default 3)")
     p.add_argument("--finetune-steps", type=int, default=None, help="most fine-tuning steps (default 300)")
     p.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning learning rate (default 3e-4)")
+    p.add_argument(
+        "--finetune-head-lr-scale", type=float, default=None, help="the new head's rate is lr x this (default 10)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.set_defaults(func=cmd_report)
     return parser

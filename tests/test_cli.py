@@ -45,6 +45,14 @@ def test_overrides_after_an_option_are_still_overrides(tmp_path):
     assert result.returncode == 2 and "unrecognized arguments: --no-such-option" in result.stderr
 
 
+def test_report_passes_the_fine_tuning_head_rate_through_and_checks_it_first(tmp_path):
+    result = megapixel(
+        "report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--finetune-head-lr-scale", "0"
+    )
+    assert_one_line_error(result, "the head's learning-rate scale must be positive, got 0.0")
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_missing_source_is_one_line(tmp_path):
     assert_one_line_error(megapixel("shards", str(tmp_path / "missing"), str(tmp_path / "out")), "no such file")
     assert not (tmp_path / "out").exists()
