@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from megapixel.checkpoint import remove_unfinished
 from megapixel.checkpointing import guard_loads, restore, resume_tag, save_checkpoint
-from megapixel.config import Config, to_yaml
+from megapixel.config import Config, TrainConfig, to_yaml
 from megapixel.distributed import DistInfo, init_distributed
 from megapixel.errors import ConfigError, DataError
 from megapixel.metrics import MetricsLog
@@ -151,6 +151,36 @@ def checkpoint_blocks(model: IGPT) -> None:
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, Block))
 
 
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed's config moves the optimizer state and step off the GPU (ZeRO-Offload, to CPU or NVMe)."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
+def make_optimizer(
+    params: Any, t: TrainConfig, ds_config: dict[str, Any], device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW with the run's rate, betas and weight decay: DeepSpeed's CPU Adam where ZeRO-Offload steps on the
+    host (unless the config sets zero_force_ds_cpu_optimizer false), torch's otherwise (fused on CUDA)."""
+    settings = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, weight_decay=t.weight_decay)
+    if offloads_optimizer(ds_config) and ds_config.get("zero_force_ds_cpu_optimizer", True):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        try:
+            # Its C++ op is compiled on first use (a minute or more) and cached in ~/.cache/torch_extensions.
+            CPUAdamBuilder().load()
+        except Exception as error:  # a failed build comes as one of several types; all mean the same to the user
+            last = str(error).strip().splitlines()[-1] if str(error).strip() else "no message"
+            raise ConfigError(
+                f"ZeRO-Offload steps with DeepSpeed's CPU Adam, whose C++ op did not build ({type(error).__name__}: "
+                f"{last}): install a C++ compiler and ninja, or set deepspeed.zero_force_ds_cpu_optimizer=false to "
+                "step with torch's AdamW on the host"
+            ) from error
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **settings)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **settings)
+
+
 def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo, groups: ParallelGroups | None = None) -> Any:
     """A DeepSpeed engine over LossModule(IGPT(cfg.model)) with AdamW and the warmup-cosine schedule, laid out
     over `groups` (made from cfg.parallel when not given): weights split over the tensor group, gradients
@@ -192,14 +222,7 @@ def build_engine(cfg: Config, ds_config: dict[str, Any], info: DistInfo, groups:
         for param in (model.sos, model.wpe.weight):
             deepspeed.zero.register_external_parameter(module, param)
     t = cfg.train
-    optimizer = torch.optim.AdamW(
-        module.parameters(),
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-        eps=1e-8,
-        weight_decay=t.weight_decay,
-        fused=info.device.type == "cuda",
-    )
+    optimizer = make_optimizer(module.parameters(), t, ds_config, info.device)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,

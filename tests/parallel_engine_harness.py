@@ -49,9 +49,10 @@ def model_name(name: str, n_layer: int) -> str:
 def run_engine(cfg: Config, groups: ParallelGroups, batches: list, jitter: int | None = None) -> dict[str, Any]:
     """Train cfg's engine on the global `batches`: data rank d takes pieces d*accum ... of each, one per
     micro-step. Returns each step's mean loss, the second step's gradients as the optimizer gets them (after
-    clipping; ZeRO-0 only) and this rank's final weights, under IGPT's names. With a `jitter` seed, each gradient
-    gets uniform noise of one fp32 ulp of its tensor's largest element before each step (ZeRO-0): a one-process
-    run whose sums were rounded differently, which tells how far rounding alone carries this training."""
+    clipping; ZeRO-0 only), this rank's final weights (not with ZeRO-3), under IGPT's names, and the class
+    name of the optimizer the engine was handed. With a `jitter` seed, each gradient gets uniform noise of one
+    fp32 ulp of its tensor's largest element before each step (ZeRO-0): a one-process run whose sums were
+    rounded differently, which tells how far rounding alone carries this training."""
     info = init_distributed()
     engine = build_engine(cfg, deepspeed_config(cfg, groups.data_size, info.device), info, groups)
     accum = engine.gradient_accumulation_steps()
@@ -102,7 +103,8 @@ def run_engine(cfg: Config, groups: ParallelGroups, batches: list, jitter: int |
         dist.all_reduce(total, group=groups.data)
         losses.append(total.item() / groups.data_size)
     final = {n: p.detach().clone() for n, p in params}
-    return {"losses": losses, "grads": grads, "final": final, "tensor_rank": groups.tensor_rank}
+    optimizer = type(engine.basic_optimizer).__name__
+    return {"losses": losses, "grads": grads, "final": final, "tensor_rank": groups.tensor_rank, "optimizer": optimizer}
 
 
 def engine_worker(
