@@ -198,28 +198,12 @@ def gather_tensor_shards(
     for name, first in shards[0].items():
         want = full.get(name)
         if want is None or first.shape == want.shape:
-            joined[name] = first  # replicated on every tensor rank (or unknown: _load_weights names it)
+            joined[name] = first  # replicated on every tensor rank (or unknown: check_weights names it)
             continue
         # A split weight differs from the whole in exactly the dimension it was cut along.
         dim = next(d for d, (a, b) in enumerate(zip(first.shape, want.shape, strict=True)) if a != b)
         joined[name] = torch.cat([shard[name] for shard in shards], dim=dim)
     return joined
-
-
-def _load_weights(model: IGPT, weights: dict[str, torch.Tensor], tag: Path) -> None:
-    expected = model.state_dict()
-    for name, tensor in weights.items():
-        if name not in expected:
-            raise CheckpointError(f"{tag} holds {name}, which the model does not have: the config does not match it")
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{tag}: {name} has shape {tuple(tensor.shape)} but the model wants {tuple(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise CheckpointError(f"{tag} lacks {missing[0]}: the config does not match it")
-    # Allocated uninitialised: the checkpoint fills every weight (checked above), so random ones would be waste.
-    model.to_empty(device="cpu").load_state_dict(weights)
 
 
 def config_of(tag: Path, state: dict[str, Any]) -> Config:
@@ -259,6 +243,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IG
     """The model of a checkpoint (run folder, checkpoints/ folder or tag), a consolidated folder or a HF ImageGPT
     folder, in eval mode, with its config and palette."""
     # Imported here: megapixel.convert imports this module.
+    from megapixel.convert.consolidate import build_model, check_weights, meta_state
     from megapixel.convert.loading import is_model_folder, load_model_folder
 
     if is_model_folder(path):
@@ -266,14 +251,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IG
     tag = resolve_checkpoint(path)
     state = read_client_state(tag)
     cfg = config_of(tag, state)
-    with torch.device("meta"):
-        model = IGPT(cfg.model)
     weights = read_model_weights(tag)
     if isinstance(weights, list):
-        weights = gather_tensor_shards(weights, model.state_dict())
-    _load_weights(model, weights, tag)
+        weights = gather_tensor_shards(weights, meta_state(cfg))
+    check_weights(weights, cfg, tag)
     palette = palette_of(tag, cfg, state.get("palette_hash"))
-    return model.to(device).eval(), cfg, palette
+    return build_model(weights, cfg, device), cfg, palette
 
 
 def prune_checkpoints(checkpoints: Path, keep_last: int, current_step: int) -> None:

@@ -217,6 +217,7 @@ def _model_state(est: Estimate, tensors: list[int], layout: Layout) -> None:
 def estimate(cfg: Config, layout: Layout, cluster: Cluster) -> Estimate:
     """Memory of the worst pipeline stage and the time of one optimizer step for cfg's model under `layout`."""
     m = cfg.model
+    largest = max(numel for _, numel, _ in parameter_shapes(cfg))
     worst: Estimate | None = None
     for stage in range(layout.pipeline):
         tensors = stage_tensors(cfg, layout, stage)
@@ -240,7 +241,7 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster) -> Estimate:
         # Backward frees activations as it makes gradients; counting both at once is an upper bound.
         est.peak = max(est.after_backward + est.working + est.activations, est.in_step)
         # Before DeepSpeed casts and partitions them: this rank's slices, made one full weight at a time.
-        est.build = 4 * (sum(tensors) + max(x for _, x, _ in parameter_shapes(cfg)))
+        est.build = 4 * (sum(tensors) + largest)
         if worst is None or est.peak > worst.peak:
             worst = est
     assert worst is not None

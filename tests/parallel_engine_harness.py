@@ -46,6 +46,16 @@ def model_name(name: str, n_layer: int) -> str:
     return rest
 
 
+def deepspeed_on_gloo(rank: int) -> None:
+    """Set up a spawned process for DeepSpeed on gloo: no shared-memory op, and the local rank a launcher gives."""
+    import deepspeed
+
+    # The shared-memory collective op would be JIT-built (45 s); gloo serves without it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # A launcher would set it; DeepSpeed's engine and pipeline module read it (one node: local rank = rank).
+    os.environ["LOCAL_RANK"] = str(rank)
+
+
 def run_engine(cfg: Config, groups: ParallelGroups, batches: list, jitter: int | None = None) -> dict[str, Any]:
     """Train cfg's engine on the global `batches`: data rank d takes pieces d*accum ... of each, one per
     micro-step. Returns each step's mean loss, the second step's gradients as the optimizer gets them (after
@@ -111,10 +121,7 @@ def engine_worker(
     rank: int, world_size: int, layouts: dict[str, dict], model: dict, seed: int, batches: list, lr: float
 ) -> dict[str, dict]:
     """Every layout in `layouts` (name -> parallel section) trained through the engine in this one spawn."""
-    import deepspeed
-
-    # The shared-memory collective op would be JIT-built (45 s); gloo serves without it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed_on_gloo(rank)
     results = {}
     for name, parallel in layouts.items():
         cfg = engine_config(model, parallel, seed, len(batches[0][0]), lr)
@@ -127,14 +134,10 @@ def interrupted_run_worker(rank: int, world_size: int, cfg: Config, other: Confi
     resume it with `other` (another layout). Returns the losses of both runs and the error `other` met."""
     import shutil
 
-    import deepspeed
-
     from megapixel.checkpoint import tag_name
     from megapixel.metrics import read_metrics
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # A launcher would set it; DeepSpeed's engine asserts it is there (one node: local rank = rank).
-    os.environ["LOCAL_RANK"] = str(rank)
+    deepspeed_on_gloo(rank)
 
     def losses() -> list[float]:
         return [r["loss"] for r in read_metrics(cfg.train.run_dir) if "loss" in r]
@@ -173,10 +176,7 @@ def _resident_bytes(field: str) -> int:
 def build_memory_worker(rank: int, world_size: int, model: dict, parallel: dict) -> dict[str, int]:
     """How far this process's peak resident memory grows while build_engine lays `model` out under `parallel`,
     and the bytes of the weights the engine then holds here."""
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    os.environ["LOCAL_RANK"] = str(rank)  # the pipeline module reads it; one node: local rank = rank
+    deepspeed_on_gloo(rank)
     # glibc would raise its mmap threshold after the first large free and keep later freed weights resident in
     # its heap; a fixed threshold returns every large block on free, so the peak is what was really held.
     ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from parallel_engine_harness import deepspeed_on_gloo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megapixel.cli import main
@@ -96,12 +97,7 @@ def measure_engine_state(zero_stage: int, world_size: int) -> dict[str, int]:
 
 def engine_state_worker(rank: int, world_size: int, stages: list[int]) -> dict[int, dict[str, int]]:
     """measure_engine_state for each ZeRO stage, in one spawned process of `world_size`."""
-    import os
-
-    import deepspeed
-
-    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed asks for it; the harness sets only RANK and WORLD_SIZE
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed_on_gloo(rank)
     return {stage: measure_engine_state(stage, world_size) for stage in stages}
 
 
