@@ -7,7 +7,11 @@ setup(
     version="0.1.0",
     description="Train Image GPT (iGPT) from a CPU demo to iGPT-XL on a GPU cluster",
     python_requires=">=3.10",
-    packages=find_packages(include=["megapixel", "megapixel.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in the top-level folder kernels/ but install as `megapixel_kernels`: Hugging Face's
+    # `kernels` package (a dependency of transformers 5) owns the import name `kernels`. The folder has no
+    # __init__.py, so from the repository root `import kernels` still finds Hugging Face's package.
+    packages=[*find_packages(include=["megapixel", "megapixel.*"]), "megapixel_kernels"],
+    package_dir={"megapixel_kernels": "kernels"},
     install_requires=[
         # Any torch that is already installed satisfies this, so pip never swaps a CPU or cluster
         # build for a freshly downloaded CUDA one; install.sh installs torch before this package.

@@ -91,7 +91,7 @@ def _implementations() -> dict[str, tuple[Callable, Any]]:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
 
-    from kernels.attention import attention
+    from megapixel_kernels.attention import attention
 
     def sdpa(q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -203,8 +203,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--causal", choices=("both", "true", "false"), default="both")
     args = parser.parse_args(argv)
     require_cuda("benchmarks/attention.py")
-    if __package__ in (None, ""):  # run as a file rather than with -m: make `kernels` importable
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     causal_modes = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
 
     table, records = run(args.dtype, causal_modes)

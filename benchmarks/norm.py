@@ -39,7 +39,7 @@ def norm_bytes(rows: int, width: int, elem: int, residual: bool, backward: bool)
 def _implementations() -> dict[str, Callable]:
     import torch.nn.functional as F
 
-    from kernels.norm import layer_norm, rms_norm
+    from megapixel_kernels.norm import layer_norm, rms_norm
 
     def torch_norm(x, w, b, r):
         h = x if r is None else x + r

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         # Inductor would compile C++ for minutes on a CPU; dynamo's tracing is what a smoke run checks.
         if args.compile_backend == "inductor":
             args.compile_backend = "eager"
-    if __package__ in (None, ""):  # run as a file rather than with -m: make `benchmarks` and `kernels` importable
+    if __package__ in (None, ""):  # run as a file rather than with -m: make `benchmarks` importable
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.attention import print_table
 

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from kernels.attention_bwd import attention_backward
-from kernels.attention_fwd import INTERPRET, attention_forward
+from megapixel_kernels.attention_bwd import attention_backward
+from megapixel_kernels.attention_fwd import INTERPRET, attention_forward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128  # larger tiles would not fit Hopper's shared memory with the tuned block sizes

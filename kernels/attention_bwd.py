@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_fwd import INTERPRET, LOG2E, dot, dot_precision, load_tile, round_to, store_tile
+from megapixel_kernels.attention_fwd import INTERPRET, LOG2E, dot, dot_precision, load_tile, round_to, store_tile
 
 
 def _bwd_configs(pairs: tuple[tuple[int, int], ...], interpret_pair: tuple[int, int]) -> list[triton.Config]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from parallel_harness import jitter_gradients
 
 from megapixel.config import Config, from_dict
 from megapixel.distributed import init_distributed
@@ -79,10 +80,7 @@ def run_engine(cfg: Config, groups: ParallelGroups, batches: list, jitter: int |
         steps["done"] += 1
 
     def perturb(optimizer: Any, args: Any, kwargs: Any) -> None:
-        for _, p in params:
-            if p.grad is not None:
-                ulp = torch.finfo(p.grad.dtype).eps * p.grad.abs().max()
-                p.grad += ulp * (2 * torch.rand(p.grad.shape, generator=noise) - 1)
+        jitter_gradients([p for _, p in params], noise)
 
     if isinstance(engine.optimizer, torch.optim.Optimizer) and cfg.parallel.zero_stage == 0:
         engine.optimizer.register_step_pre_hook(capture)

@@ -120,8 +120,40 @@ def new_optimizer(model: IGPT, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def single_process_run(cfg: ModelConfig, seed: int, batches: list, data: int, lr: float) -> dict:
-    """One process, plain IGPT.loss, accumulating the same `data` micro-batches the parallel run spreads over ranks."""
+# How close a parallel layout must come to one process. The layouts add the same fp32 products in another order
+# (split matmuls, all-reduces, micro-batches), and Adam turns the rounding of near-zero gradients into steps of
+# length lr, so how far a result may move depends on the seed; it is measured, not guessed: one process is rerun
+# JITTERS times with its gradients rounded differently (one ulp of noise), and a layout may differ from the plain
+# run by at most FACTOR times the largest of those reruns' differences, or by ROUNDING of the tensor's largest
+# element (a dozen fp32 ulps, ten times over) where training carries rounding no further.
+JITTERS, FACTOR = 3, 4
+ROUNDING = 1e-5
+
+
+def jitter_gradients(params: list[torch.nn.Parameter], noise: torch.Generator) -> None:
+    """Add uniform noise of one fp32 ulp of each gradient's largest element: the gradients of a process whose
+    sums were rounded differently."""
+    for p in params:
+        if p.grad is not None:
+            ulp = torch.finfo(p.grad.dtype).eps * p.grad.abs().max()
+            p.grad += ulp * (2 * torch.rand(p.grad.shape, generator=noise) - 1)
+
+
+def assert_as_close_as_rounding_carries(actual: torch.Tensor, plain: torch.Tensor, jittered: list, what: str) -> None:
+    """`actual` is within FACTOR times the jittered runs' largest distance from the plain one-process result, or
+    within ROUNDING of its largest element."""
+    error = (actual - plain).abs().max().item()
+    spread = max((j - plain).abs().max().item() for j in jittered)
+    bound = max(FACTOR * spread, ROUNDING * plain.abs().max().item())
+    assert error <= bound, f"{what}: {error:.3g} off, jittered one process {spread:.3g}, bound {bound:.3g}"
+
+
+def single_process_run(
+    cfg: ModelConfig, seed: int, batches: list, data: int, lr: float, jitter: int | None = None
+) -> dict:
+    """One process, plain IGPT.loss, accumulating the same `data` micro-batches the parallel run spreads over ranks;
+    with a `jitter` seed, its gradients get one ulp of noise before each step (jitter_gradients)."""
+    noise = None if jitter is None else torch.Generator().manual_seed(jitter)
     model = reference_model(cfg, seed)
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
     with torch.no_grad():
@@ -138,6 +170,8 @@ def single_process_run(cfg: ModelConfig, seed: int, batches: list, data: int, lr
         losses.append(total)
         if step == 0:
             grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        if noise is not None:
+            jitter_gradients(list(model.parameters()), noise)
         opt.step()
     final = {name: p.detach().clone() for name, p in model.named_parameters()}
     return {"start": start, "logits": logits, "grads": grads, "losses": losses, "final": final}

@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from megapixel.config import from_dict
 from megapixel.convert import export_hf, load_any, load_hf, read_consolidated, read_hf, write_consolidated
-from megapixel.convert.hf import HF_CONFIG, HF_PROCESSOR, HF_WEIGHTS
+from megapixel.convert.hf import HF_CONFIG, HF_PROCESSOR, HF_WEIGHTS, hf_import_error
 from megapixel.errors import CheckpointError
 from megapixel.model import IGPT
 from megapixel.palette import encode_pixels
-
-transformers = pytest.importorskip("transformers")
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
 N_VOCAB, N_PX = 32, 6
@@ -311,3 +310,17 @@ def test_export_refuses_an_existing_folder(exported):
     with pytest.raises(CheckpointError, match="already exists"):
         export_hf(model.state_dict(), cfg, palette, exported)
     assert {p.name: p.read_bytes() for p in exported.iterdir()} == before
+
+
+def test_a_failed_transformers_import_is_named_with_its_own_text():
+    # What a shadowed `kernels` package made transformers raise on import.
+    broken = ImportError("cannot import name 'CUDAProperties' from 'kernels' (/somewhere/kernels/__init__.py)")
+    assert hf_import_error(broken) == (
+        "exporting to HF needs transformers' ImageGPT, whose import failed (ImportError: cannot import name "
+        "'CUDAProperties' from 'kernels' (/somewhere/kernels/__init__.py)): repair that installation "
+        "(pip install -U 'transformers>=5')"
+    )
+    missing = ModuleNotFoundError("No module named 'transformers'", name="transformers")
+    assert hf_import_error(missing) == (
+        "exporting to HF needs transformers 5 or later, which is not installed: pip install 'transformers>=5'"
+    )

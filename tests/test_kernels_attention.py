@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import attention as fused  # noqa: E402
+from megapixel_kernels import attention as fused  # noqa: E402
 
 
 def assert_as_accurate_as_torch(
@@ -50,7 +50,7 @@ def check_against_references(q, k, v, do, ulps: float = 1.0, **kwargs) -> None:
 
 
 def test_kernels_run_in_the_interpreter():
-    assert fused.INTERPRET, "kernels.attention was imported before TRITON_INTERPRET=1 was set in this process"
+    assert fused.INTERPRET, "megapixel_kernels.attention was imported before TRITON_INTERPRET=1 was set in this process"
 
 
 # Each head dim meets every sequence length once and both masks in both dtypes, without the

@@ -11,7 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels import norm  # noqa: E402
+from megapixel_kernels import norm  # noqa: E402
 
 KERNELS = {"rms": (norm.rms_norm, norm.reference_rms_norm), "layer": (norm.layer_norm, norm.reference_layer_norm)}
 
@@ -96,7 +96,7 @@ def test_residual_stream_is_returned_with_the_norm():
 
 
 def test_kernels_run_in_the_interpreter():
-    assert norm.INTERPRET, "kernels.norm was imported before TRITON_INTERPRET=1 was set in this process"
+    assert norm.INTERPRET, "megapixel_kernels.norm was imported before TRITON_INTERPRET=1 was set in this process"
 
 
 def test_mismatched_weight_is_refused():

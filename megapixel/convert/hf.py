@@ -140,8 +140,8 @@ def export_hf(state: Weights, cfg: Config, palette: np.ndarray, out: str | Path,
     with the palette as clusters) that `from_pretrained` loads; atomically."""
     try:
         from transformers import ImageGPTConfig, ImageGPTImageProcessorPil
-    except ImportError:
-        raise MegapixelError("exporting to HF needs transformers 5 or later: pip install 'transformers>=5'") from None
+    except ImportError as e:
+        raise MegapixelError(hf_import_error(e)) from None
     from megapixel.palette import check_palette
 
     m = cfg.model
@@ -170,6 +170,17 @@ def export_hf(state: Weights, cfg: Config, palette: np.ndarray, out: str | Path,
         processor.save_pretrained(tmp)
         save_safetensors(hf_state, tmp / HF_WEIGHTS, {"format": "pt", "megapixel_source": source})
     return Path(out)
+
+
+def hf_import_error(error: ImportError) -> str:
+    """One line saying why transformers' ImageGPT could not be imported, and what to do about it."""
+    if isinstance(error, ModuleNotFoundError) and error.name == "transformers":
+        return "exporting to HF needs transformers 5 or later, which is not installed: pip install 'transformers>=5'"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"exporting to HF needs transformers' ImageGPT, whose import failed ({type(error).__name__}: {text}): "
+        "repair that installation (pip install -U 'transformers>=5')"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

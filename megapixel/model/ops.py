@@ -18,7 +18,7 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str) -> torch.Tensor:
     """iGPT's norm: x * rsqrt(mean(x^2) + eps) * weight (no mean subtraction, no bias)."""
     if use_triton(kernels, x):
-        from kernels.norm import rms_norm as triton_rms_norm
+        from megapixel_kernels.norm import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, weight, eps=eps)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -27,7 +27,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str) ->
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, kernels: str) -> torch.Tensor:
     """Softmax attention on (batch, heads, seq, head_dim) tensors."""
     if use_triton(kernels, q):
-        from kernels.attention import attention as triton_attention
+        from megapixel_kernels.attention import attention as triton_attention
 
         return triton_attention(q, k, v, causal=causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
