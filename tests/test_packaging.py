@@ -3,6 +3,7 @@
 megapixel was installed."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What a wheel is not built from: environments, caches and run outputs.
+BUILD_IGNORES = (".git", ".venv", ".device-wheels", "build", "*.egg-info", "__pycache__", "runs", "demo")
 # All three in one process; `from kernels import CUDAProperties` is what transformers' hub-kernels integration
 # imports, and it fails when `kernels` resolves to a folder of this repository.
 TOGETHER = """
@@ -41,9 +44,12 @@ def test_hf_kernels_transformers_and_megapixel_kernels_import_in_one_process(whe
 
 @pytest.mark.slow
 def test_a_wheel_installs_the_kernels_as_megapixel_kernels_beside_hf_kernels(tmp_path):
+    # Built from a copy: setuptools writes build/ and *.egg-info/ into the folder it builds.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*BUILD_IGNORES))
     wheels = tmp_path / "wheels"
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
-    subprocess.run([*build, str(REPO)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*build, str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("megapixel-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "megapixel_kernels/attention.py" in names
