@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from megapixel.data.shards import FORMAT, VERSION, write_shard
+from megapixel.data.palette import palette_hash, save_palette
+from megapixel.data.shards.format import FORMAT, VERSION, write_shard
 from megapixel.data.sources import open_source
 from megapixel.data.writer import write_shards
-from megapixel.palette import palette_hash, save_palette
 
 BATCH = 128
 

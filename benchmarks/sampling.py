@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from megapixel.config import preset
+from megapixel.evaluation.sample import sample, sample_naive
 from megapixel.model.igpt import IGPT
-from megapixel.sample import sample, sample_naive
 
 DEFAULT_MODELS = ("tiny-8", "tiny-16")
 

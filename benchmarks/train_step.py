@@ -13,7 +13,7 @@ Each case trains one model through one implementation, bf16, a fixed micro-batch
 
 Reports tokens/s, MFU (6N + 12 L d T FLOPs a token over a stated peak, 989 TFLOP/s for an H100 SXM's dense
 bf16 by default), the step's peak GPU memory above what was allocated before the case, and for megapixel's
-engine the planner's predicted peak (megapixel/plan.py) beside it. `--tiny` runs tiny shapes for a few
+engine the planner's predicted peak (megapixel/planning/estimate.py) beside it. `--tiny` runs tiny shapes for a few
 steps on whatever device there is (CI runs it on the CPU, where memory is not measured).
 """
 
@@ -99,7 +99,7 @@ def hf_imagegpt(cfg: Any) -> Any:
     import torch.nn as nn
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
-    from megapixel.convert.hf import ARCHITECTURE_FIELDS
+    from megapixel.checkpoint.hf import ARCHITECTURE_FIELDS
 
     m = cfg.model
     # The architecture megapixel's HF export writes (quick GELU, its norm epsilon, untied head), no dropout.
@@ -141,8 +141,8 @@ def eager_step(module: Any, device: Any) -> Callable[[Any], Any]:
 def megapixel_step(cfg: Any, kernels: str, batch: int) -> Callable[[Any], Any]:
     """megapixel's own training step: build_engine's DeepSpeed engine, forward, backward, step."""
     from megapixel.config import apply_overrides
-    from megapixel.distributed import init_distributed
-    from megapixel.train import build_engine, deepspeed_config
+    from megapixel.engine.build import build_engine, deepspeed_config
+    from megapixel.parallel.distributed import init_distributed
 
     cfg = apply_overrides(
         copy.deepcopy(cfg),
@@ -175,7 +175,7 @@ def build_case(impl: str, cfg: Any, batch: int, device: Any, compile_backend: st
 
 def planned_peak(cfg: Any, batch: int) -> float:
     """The planner's peak bytes for megapixel's engine on one GPU (ZeRO-0, bf16, flash-style attention)."""
-    from megapixel.plan import Cluster, Layout, estimate
+    from megapixel.planning.estimate import Cluster, Layout, estimate
 
     return estimate(cfg, Layout(micro_batch=batch), Cluster()).peak
 
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> tuple[list[list[str]], list[dict]]:
     import torch
 
     from benchmarks.attention import error_text
-    from megapixel.info import flops_per_token, parameter_counts
+    from megapixel.planning.counts import flops_per_token, parameter_counts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = ["tiny"] if args.tiny else args.models.split(",")
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(["model", "impl", "batch", "tokens/s", "MFU", "step ms", "peak GiB", "planned GiB"], table)
     print(
         f"(MFU: 6N + 12LdT FLOPs a token over {args.peak_tflops:.0f} TFLOP/s; peak GiB: the step's peak above "
-        "what was allocated before the case; planned GiB: megapixel/plan.py's peak for the engine)"
+        "what was allocated before the case; planned GiB: megapixel/planning/estimate.py's peak for the engine)"
     )
     write_json(
         args.out, {"benchmark": "train_step", "peak_tflops": args.peak_tflops, "tiny": args.tiny, "results": records}

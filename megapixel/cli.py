@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from megapixel.atomic import write_atomic
+from megapixel.config import load
 from megapixel.errors import MegapixelError
+
+# Each command imports the library modules it needs inside its function ("Imported here, as in every command"),
+# so that `megapixel --help` and the cheap commands never wait for torch or DeepSpeed to import.
 
 
 def _layers(text: str) -> list[int]:
@@ -32,24 +38,23 @@ def _per_class(text: str) -> list[int | None]:
 def _device(name: str) -> str:
     if name != "auto":
         return name
+    # Imported here, as in every command.
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from megapixel.config import load
-    from megapixel.info import describe
+    # Imported here, as in every command.
+    from megapixel.planning.counts import describe
 
     print(describe(load(args.config, args.overrides), args.config))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    import json
-
-    from megapixel.config import load
-    from megapixel.plan import Cluster
-    from megapixel.plan_search import plan_report
+    # Imported here, as in every command.
+    from megapixel.planning.estimate import Cluster
+    from megapixel.planning.search import plan_report
 
     cluster = Cluster(
         gpus_per_node=args.gpus_per_node,
@@ -67,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     )
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(data, indent=2) + "\n")
         print(f"plan: {args.json}")
 
 
@@ -76,9 +81,10 @@ SHOWN_SKIPS = 10
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from megapixel.data.shards import write_shards
+    # Imported here, as in every command.
+    from megapixel.data.palette import load_palette
     from megapixel.data.sources import open_source
-    from megapixel.palette import load_palette
+    from megapixel.data.writer import write_shards
 
     palette = load_palette(args.palette) if args.palette else None
     source = open_source(args.source)
@@ -110,8 +116,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from megapixel.config import load
-    from megapixel.train import train
+    # Imported here, as in every command.
+    from megapixel.engine.loop import train
 
     summary = train(load(args.config, args.overrides), resume=args.resume)
     if summary.get("rank", 0) == 0:
@@ -119,7 +125,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from megapixel.sample import sample_command
+    # Imported here, as in every command.
+    from megapixel.evaluation.commands import sample_command
 
     path = sample_command(
         args.checkpoint,
@@ -136,7 +143,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from megapixel.probe import probe_command
+    # Imported here, as in every command.
+    from megapixel.evaluation.commands import probe_command
 
     report = probe_command(
         args.checkpoint,
@@ -155,7 +163,9 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from megapixel.finetune import finetune_command, settings_from
+    # Imported here, as in every command.
+    from megapixel.evaluation.commands import finetune_command
+    from megapixel.evaluation.finetune import settings_from
 
     settings = settings_from(
         {
@@ -177,8 +187,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from megapixel.evaluate import report_command
-    from megapixel.finetune import settings_from
+    # Imported here, as in every command.
+    from megapixel.evaluation.commands import report_command
+    from megapixel.evaluation.finetune import settings_from
 
     settings = settings_from(
         {"steps": args.finetune_steps, "lr": args.finetune_lr, "head_lr_scale": args.finetune_head_lr_scale}
@@ -197,6 +208,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    # Imported here, as in every command.
     from megapixel.demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps)

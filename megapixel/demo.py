@@ -9,8 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megapixel.atomic import write_atomic
 from megapixel.config import Config, from_dict
+from megapixel.data.shards.format import read_manifest
+from megapixel.data.sources import open_source
+from megapixel.data.writer import write_shards
+from megapixel.engine.loop import train
 from megapixel.errors import DataError
+from megapixel.evaluation.commands import probe_command, sample_command
 
 # The digits are 8x8 with 17 grey levels; upsampled to 16x16 they gain smooth edges (more levels),
 # and 256 tokens per image keep a training step cheap on a CPU.
@@ -45,8 +51,6 @@ def demo_config(out: Path, steps: int = DEMO_STEPS) -> Config:
 
 def ensure_demo_shards(shards: Path) -> dict:
     """The digits as a shard set: reused when a complete one is already there."""
-    from megapixel.data.shards import read_manifest, write_shards
-    from megapixel.data.sources import open_source
 
     if (shards / "manifest.json").exists():
         return read_manifest(shards)
@@ -60,9 +64,6 @@ def ensure_demo_shards(shards: Path) -> dict:
 
 def run_demo(out: Path, steps: int | None = None) -> dict:
     """Shard the digits, train a tiny iGPT, write samples.png and a probe report under `out`."""
-    from megapixel.probe import probe_command
-    from megapixel.sample import sample_command
-    from megapixel.train import train
 
     out.mkdir(parents=True, exist_ok=True)
     manifest = ensure_demo_shards(out / "shards")
@@ -94,7 +95,7 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
         "probe": str(out / "probe.md"),
         "metrics": str(run_dir / "metrics.jsonl"),
     }
-    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "demo.json", json.dumps(result, indent=2) + "\n")
     print()
     print(report.to_markdown())
     print()

@@ -22,6 +22,7 @@ import kernels
 from kernels import CUDAProperties
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 import megapixel_kernels.attention, megapixel_kernels.norm
+import megapixel.cli, megapixel.engine.loop, megapixel.evaluation.commands, megapixel.planning.search
 from megapixel.model import ops
 assert "site-packages" in kernels.__file__, kernels.__file__
 print(megapixel_kernels.attention.__file__)
@@ -33,7 +34,7 @@ def run_python(code: str, cwd: Path, *flags: str, env: dict | None = None) -> st
         [sys.executable, *flags, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    return done.stdout.strip().splitlines()[-1]  # DeepSpeed logs a line of its own to stdout on import
 
 
 @pytest.mark.parametrize("where", ["repository root", "another folder"])

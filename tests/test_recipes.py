@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from megapixel.config import load
-from megapixel.metrics import read_metrics
+from megapixel.engine.build import deepspeed_config
+from megapixel.engine.metrics import read_metrics
+from megapixel.engine.signals import STOP_FILE
 from megapixel.parallel import validate_layout
-from megapixel.signals import STOP_FILE
-from megapixel.train import deepspeed_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -209,7 +209,7 @@ def launch(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def test_slurm_launch_passes_the_warning_to_the_trainers_and_requeues_a_run_that_stopped_on_it(slurm_env):
     # The job step: slurm's warning reaches the batch script mid-run; the trainers then save, write the stop
-    # file and exit 0 (what megapixel.signals does).
+    # file and exit 0 (what megapixel.engine.signals does).
     stop_file = Path(slurm_env["RUN_DIR"]) / STOP_FILE
     bin_dir = fake_srun(slurm_env, f"{WARN_BATCH_SCRIPT}\nmkdir -p {stop_file.parent}\necho {{}} > {stop_file}")
     done = launch(slurm_env)

@@ -5,8 +5,9 @@
     python tools/convert_checkpoint.py to-hf RUN_DIR_OR_OUT HF_DIR    # -> ImageGPTForCausalImageModeling folder
     python tools/convert_checkpoint.py from-hf HF_DIR OUT             # HF ImageGPT folder -> consolidated folder
 
-A consolidated folder holds model.safetensors, config.yaml and palette.npy; megapixel.convert.load_consolidated
-loads it as an IGPT. Output folders must not exist yet; each appears complete or not at all.
+A consolidated folder holds model.safetensors, config.yaml and palette.npy;
+megapixel.checkpoint.consolidate.load_consolidated loads it as an IGPT. Output folders must not exist yet;
+each appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megapixel.convert.consolidate import describe, read_checkpoint, read_model, write_consolidated
-from megapixel.convert.hf import export_hf, read_hf
-from megapixel.convert.reshard import reshard as reshard_model
+from megapixel.checkpoint.consolidate import write_consolidated
+from megapixel.checkpoint.hf import export_hf, read_hf
+from megapixel.checkpoint.load import read_any
+from megapixel.checkpoint.read import read_checkpoint
+from megapixel.checkpoint.weights import describe
+from megapixel.engine.reshard import reshard as reshard_model
 from megapixel.errors import MegapixelError
 
 
@@ -54,7 +58,7 @@ def reshard(args: argparse.Namespace) -> None:
 
 
 def to_hf(args: argparse.Namespace) -> None:
-    state, cfg, palette, metadata = read_model(args.source)
+    state, cfg, palette, metadata = read_any(args.source)
     export_hf(state, cfg, palette, args.out, source=metadata.get("source", str(args.source)))
     kind = "ImageGPTForImageClassification" if cfg.model.n_classes else "ImageGPTForCausalImageModeling"
     print(f"exported {args.source} as {kind}\n  {describe(state, cfg)}\n  -> {args.out}")

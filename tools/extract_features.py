@@ -3,7 +3,7 @@
     python tools/extract_features.py RUN_DIR OUT --layers 10,12,14 --splits train,val
 
 Each OUT/SPLIT holds features.npy (float32, rows in the split's fixed order, layers concatenated in the order
-given), labels.npy and meta.json; `megapixel.features.load_features` memory-maps them back.
+given), labels.npy and meta.json; `megapixel.evaluation.features.load_features` memory-maps them back.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from megapixel.cli import _device, _layers
 from megapixel.errors import MegapixelError
-from megapixel.features import extract_command
+from megapixel.evaluation.commands import extract_command
 
 
 def main(argv: list[str] | None = None) -> int:

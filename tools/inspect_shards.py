@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megapixel.data.shards import read_manifest, verify_shards, write_previews
+from megapixel.data.shards.format import read_manifest
+from megapixel.data.shards.verify import verify_shards, write_previews
 from megapixel.errors import MegapixelError
 
 

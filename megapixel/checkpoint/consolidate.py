@@ -8,9 +8,6 @@ IGPT. Reading never unpickles code: safetensors for the weights, YAML for the co
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,77 +15,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# How a tag's config and palette are found belongs to checkpoint.py: consolidation must find exactly what
-# load_model finds.
-from megapixel.checkpoint import (
-    config_of,
-    gather_tensor_shards,
-    palette_of,
-    read_client_state,
-    read_model_weights,
-    resolve_checkpoint,
-)
+from megapixel.atomic import new_folder
+from megapixel.checkpoint.read import read_checkpoint
+from megapixel.checkpoint.weights import Weights, build_model, check_weights
 from megapixel.config import Config, load, to_yaml
+from megapixel.data.palette import check_palette, load_palette, palette_hash, save_palette
 from megapixel.errors import CheckpointError, MegapixelError
 from megapixel.model import IGPT
 
 WEIGHTS = "model.safetensors"
+
+
 CONFIG = "config.yaml"
+
+
 PALETTE = "palette.npy"
+
+
 # safetensors metadata is str -> str; this key marks files megapixel wrote.
 FORMAT_KEY = "megapixel_format"
+
+
 FORMAT = "consolidated-1"
-
-Weights = dict[str, torch.Tensor]
-
-
-def meta_state(cfg: Config) -> Weights:
-    """The state dict of an IGPT built from `cfg` on the meta device: names, shapes and dtypes, no memory."""
-    with torch.device("meta"):
-        return IGPT(cfg.model).state_dict()
-
-
-def check_weights(state: Weights, cfg: Config, where: str | Path) -> None:
-    """CheckpointError naming the first tensor of `state` (in the model's order) that is unexpected, misshapen or
-    missing for `cfg`."""
-    expected = {name: t.shape for name, t in meta_state(cfg).items()}
-    unexpected = [name for name in state if name not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"{where} holds {unexpected[0]}, which the model does not have: the config does not match"
-        )
-    for name, shape in expected.items():
-        if name not in state:
-            raise CheckpointError(f"{where} lacks {name}: the config does not match it")
-        if state[name].shape != shape:
-            raise CheckpointError(
-                f"{where}: {name} has shape {tuple(state[name].shape)} but the model wants {tuple(shape)}"
-            )
-
-
-def refuse_existing(out: Path) -> None:
-    """CheckpointError unless `out` is absent or an empty folder: nothing already on disk is overwritten."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise CheckpointError(f"{out} already exists: choose a new output folder (nothing was written)")
-
-
-@contextmanager
-def new_folder(out: str | Path) -> Iterator[Path]:
-    """A temporary sibling of `out` to fill; renamed to `out` when the block ends without error, else removed.
-    An existing `out` is refused, so nothing already on disk is overwritten."""
-    out = Path(out)
-    refuse_existing(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # the empty folder checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_safetensors(state: Weights, path: Path, metadata: dict[str, str]) -> None:
@@ -103,7 +51,6 @@ def write_consolidated(
     state: Weights, cfg: Config, palette: np.ndarray, out: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write `state` (IGPT names) with its config and palette as a consolidated folder `out`, atomically."""
-    from megapixel.palette import check_palette, palette_hash, save_palette
 
     check_weights(state, cfg, "the weights")
     palette = check_palette(palette, "the palette", cfg.model.n_vocab)
@@ -123,7 +70,6 @@ def is_consolidated(path: str | Path) -> bool:
 
 def read_consolidated(path: str | Path) -> tuple[Weights, Config, np.ndarray, dict[str, str]]:
     """The weights, config, palette and file metadata of a consolidated folder, checked against each other."""
-    from megapixel.palette import load_palette, palette_hash
 
     path = Path(path)
     if not path.is_dir():
@@ -156,49 +102,7 @@ def load_consolidated(path: str | Path, device: str | torch.device = "cpu") -> t
     return build_model(state, cfg, device), cfg, palette
 
 
-def build_model(state: Weights, cfg: Config, device: str | torch.device = "cpu") -> IGPT:
-    """An fp32 IGPT in eval mode on `device` holding `state` (checked against `cfg` beforehand)."""
-    with torch.device("meta"):
-        model = IGPT(cfg.model)
-    # Allocated uninitialised, then every tensor is filled (load_state_dict is strict): no wasted random init.
-    model = model.to_empty(device=device)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def read_checkpoint(path: str | Path) -> tuple[Weights, Config, np.ndarray, dict[str, str]]:
-    """The full weights, config, palette and provenance of a training checkpoint (run, checkpoints/ or tag folder)."""
-    tag = resolve_checkpoint(path)
-    client = read_client_state(tag)
-    cfg = config_of(tag, client)
-    state = read_model_weights(tag)
-    if isinstance(state, list):  # one state dict of shards per tensor rank
-        state = gather_tensor_shards(state, meta_state(cfg))
-    check_weights(state, cfg, tag)
-    palette = palette_of(tag, cfg, client.get("palette_hash"))
-    metadata = {"source": str(tag.resolve())}
-    if "step" in client:
-        metadata["step"] = str(client["step"])
-    return state, cfg, palette, metadata
-
-
-def read_model(path: str | Path) -> tuple[Weights, Config, np.ndarray, dict[str, str]]:
-    """Weights, config, palette and metadata of a consolidated folder or a training checkpoint, whichever `path` is."""
-    return read_consolidated(path) if is_consolidated(path) else read_checkpoint(path)
-
-
 def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a training checkpoint (any tensor x pipeline x data layout, ZeRO 0-3) as a consolidated folder `out`."""
     state, cfg, palette, metadata = read_checkpoint(checkpoint)
     return write_consolidated(state, cfg, palette, out, metadata)
-
-
-def describe(state: Weights, cfg: Config) -> str:
-    """One line saying what model `state` is: blocks, width, heads, colours, resolution, parameters, dtype."""
-    m = cfg.model
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
-    clf = f", {m.n_classes}-class head" if m.n_classes else ""
-    return (
-        f"{m.n_layer} blocks x {m.n_embd} wide, {m.n_head} heads, {m.n_vocab} colours, {m.n_px}x{m.n_px}, "
-        f"{m.objective.upper()}{clf}: {sum(t.numel() for t in state.values()):,} parameters ({'/'.join(dtypes)})"
-    )

@@ -25,15 +25,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from megapixel.atomic import new_folder
+from megapixel.checkpoint.consolidate import save_safetensors, write_consolidated
+from megapixel.checkpoint.weights import Weights, build_model, meta_state
 from megapixel.config import Config, from_dict
-from megapixel.convert.consolidate import (
-    Weights,
-    build_model,
-    meta_state,
-    new_folder,
-    save_safetensors,
-    write_consolidated,
-)
+from megapixel.data.palette import check_palette
 from megapixel.errors import CheckpointError, MegapixelError
 from megapixel.model.igpt import IGPT, NORM_EPS
 
@@ -138,11 +134,11 @@ def from_hf_state(hf: Weights, cfg: Config, where: str | Path = "the HF weights"
 def export_hf(state: Weights, cfg: Config, palette: np.ndarray, out: str | Path, source: str = "") -> Path:
     """Write an IGPT as a HF ImageGPT folder `out` (config.json, model.safetensors, preprocessor_config.json
     with the palette as clusters) that `from_pretrained` loads; atomically."""
+    # Imported here: transformers is optional (a test extra), and only exporting needs it.
     try:
         from transformers import ImageGPTConfig, ImageGPTImageProcessorPil
     except ImportError as e:
         raise MegapixelError(hf_import_error(e)) from None
-    from megapixel.palette import check_palette
 
     m = cfg.model
     hf_state = to_hf_state(state, cfg)
@@ -253,7 +249,6 @@ def _model_config(hf: dict[str, Any], path: Path, n_classes: int) -> Config:
 
 
 def _palette(folder: Path, n_vocab: int) -> np.ndarray:
-    from megapixel.palette import check_palette
 
     path = folder / HF_PROCESSOR
     processor = _read_json(path)

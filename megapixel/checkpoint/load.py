@@ -12,15 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megapixel.config import Config
-from megapixel.convert.consolidate import (
-    Weights,
-    is_consolidated,
-    load_consolidated,
+from megapixel.checkpoint.consolidate import is_consolidated, load_consolidated, read_consolidated
+from megapixel.checkpoint.files import resolve_checkpoint
+from megapixel.checkpoint.hf import HF_CONFIG, load_hf, read_hf
+from megapixel.checkpoint.read import (
+    config_of,
+    gather_tensor_shards,
+    palette_of,
     read_checkpoint,
-    read_consolidated,
+    read_client_state,
+    read_model_weights,
 )
-from megapixel.convert.hf import HF_CONFIG, load_hf, read_hf
+from megapixel.checkpoint.weights import Weights, build_model, check_weights, meta_state
+from megapixel.config import Config
+from megapixel.data.palette import load_palette, palette_hash
 from megapixel.errors import CheckpointError
 from megapixel.model import IGPT
 
@@ -51,17 +56,26 @@ def read_any(path: str | Path) -> tuple[Weights, Config, np.ndarray, dict[str, s
     return read_checkpoint(path)
 
 
-def load_any(path: str | Path, device: str | torch.device = "cpu") -> tuple[IGPT, Config, np.ndarray]:
-    """The model at `path` in eval mode, with its config and palette, whichever of the three forms it is."""
-    from megapixel.checkpoint import load_model
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[IGPT, Config, np.ndarray]:
+    """The model of a checkpoint (run folder, checkpoints/ folder or tag), a consolidated folder or a HF ImageGPT
+    folder, in eval mode, with its config and palette."""
 
-    return load_model(path, device)
+    if is_model_folder(path):
+        return load_model_folder(path, device)
+    tag = resolve_checkpoint(path)
+    state = read_client_state(tag)
+    cfg = config_of(tag, state)
+    weights = read_model_weights(tag)
+    if isinstance(weights, list):
+        weights = gather_tensor_shards(weights, meta_state(cfg))
+    check_weights(weights, cfg, tag)
+    palette = palette_of(tag, cfg, state.get("palette_hash"))
+    return build_model(weights, cfg, device), cfg, palette
 
 
 def load_initial_weights(model: IGPT, cfg: Config) -> None:
     """Fill `model` (built from cfg.model, not yet laid out over processes) with the weights of
     cfg.train.init_from; CheckpointError naming the field, tensor or file that does not fit."""
-    from megapixel.palette import load_palette, palette_hash
 
     source = cfg.train.init_from
     state, source_cfg, palette, _ = read_any(source)

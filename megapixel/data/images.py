@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from megapixel.atomic import replacing
 
 # Mid grey for the part of an image a model has not been shown; white between cells, as palette images
 # (digits especially) are mostly dark.
@@ -52,7 +53,6 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write an (H, W, 3) uint8 image as a PNG, atomically: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
     return path

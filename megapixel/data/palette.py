@@ -7,12 +7,12 @@ centres scaled to [-1, 1] (x / 127.5 - 1). A pixel's token is the index of its n
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial import cKDTree
 
+from megapixel.atomic import replacing
 from megapixel.errors import DataError
 
 # Values a saved palette may exceed [-1, 1] by: k-means centres are means of values in [-1, 1], so
@@ -127,13 +127,8 @@ def save_palette(path: str | Path, palette: np.ndarray) -> None:
     """Write a palette as .npy, atomically: it appears complete under `path` or not at all."""
     path = Path(path)
     palette = check_palette(palette, "the palette")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, palette)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, palette)
 
 
 def load_palette(path: str | Path, k: int | None = None) -> np.ndarray:

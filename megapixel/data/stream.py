@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megapixel.data.shards import SPLITS, crops_of, open_shard, read_manifest
+from megapixel.data.palette import PaletteDownsampler, load_palette
+from megapixel.data.shards.format import SPLITS, crops_of, open_shard, read_manifest
 from megapixel.errors import CheckpointError, DataError
-from megapixel.palette import PaletteDownsampler, load_palette
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,10 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from megapixel.data.shards import FORMAT, SPLITS, VERSION, file_sha256, write_shard
-from megapixel.data.sources import (
+from megapixel.atomic import write_atomic
+from megapixel.data.palette import check_palette, encode_pixels, fit_palette, load_palette, palette_hash, save_palette
+from megapixel.data.shards.format import FORMAT, SPLITS, VERSION, file_sha256, write_shard
+from megapixel.data.sources.base import (
     CROP_SHORT_SIDE,
     CROP_SIZE,
     Source,
@@ -31,7 +33,6 @@ from megapixel.data.sources import (
     resize_image,
 )
 from megapixel.errors import DataError
-from megapixel.palette import check_palette, encode_pixels, fit_palette, load_palette, palette_hash, save_palette
 
 # Pixels the palette is fitted on: enough for 512 stable centres, few enough to fit in seconds.
 PALETTE_PIXELS = 200_000
@@ -103,7 +104,7 @@ def _claim(out_dir: Path, recipe: dict) -> bool:
     entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     if not entries:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        write_atomic(out_dir / "recipe.json", json.dumps(recipe, indent=2) + "\n")
         return True
     recipe_path = out_dir / "recipe.json"
     if "manifest.json" in entries or not recipe_path.is_file():
@@ -140,16 +141,14 @@ def _write(sources: Sources, out: Path, recipe: dict, palette: np.ndarray | None
     total = sum(len(indices) for _, indices in tasks)
     with tqdm(total=total, initial=done_images, desc="shards", unit="img", disable=not progress) as bar:
         for name, record in _run(todo, sources, palette, n_px, out, workers, recipe):
-            (out / "progress" / f"{name}.json").write_text(json.dumps(record))
+            write_atomic(out / "progress" / f"{name}.json", json.dumps(record))
             bar.update(record["planned"])
     records = {name: json.loads((out / "progress" / f"{name}.json").read_text()) for name, _ in tasks}
     manifest = _manifest(sources, recipe, palette, tasks, records)
     if manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 0:
         skipped = len(manifest["skipped"])
         raise DataError(f"{sources.train.name} gave no readable images ({skipped} skipped): check the source")
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / "manifest.json")
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(out / "progress")
     (out / "recipe.json").unlink()
     return manifest

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megapixel.atomic import write_atomic
+
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of RUN_DIR/metrics.jsonl, in the order they were written ([] when there is none)."""
@@ -28,7 +30,8 @@ class MetricsLog:
         # A resumed run repeats the steps after its checkpoint: drop what an interrupted run logged
         # for them, so every step appears once.
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        # Imported here: TensorBoard takes a second or two to import, and only the main rank writes it.
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)

@@ -23,17 +23,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from megapixel.checkpoint import (
-    checkpoint_layout,
-    config_of,
-    palette_of,
-    read_client_state,
-    resolve_checkpoint,
-)
-from megapixel.config import Config, to_yaml
-from megapixel.convert.consolidate import refuse_existing
-from megapixel.convert.loading import is_model_folder, read_any
+from megapixel.atomic import refuse_existing, write_atomic
+from megapixel.checkpoint.files import resolve_checkpoint
+from megapixel.checkpoint.load import is_model_folder, read_any
+from megapixel.checkpoint.read import checkpoint_layout, config_of, palette_of, read_client_state
+from megapixel.checkpoint.save import save_checkpoint
+from megapixel.config import Config, from_dict, to_yaml
+from megapixel.data.palette import palette_hash, save_palette
+from megapixel.data.stream import make_loader
+from megapixel.engine.build import build_engine, deepspeed_config
+from megapixel.engine.rank_state import RankState
 from megapixel.errors import CheckpointError, ConfigError, DataError, MegapixelError
+from megapixel.parallel import make_groups
+from megapixel.parallel.distributed import init_distributed
 from megapixel.parallel.groups import validate_layout
 
 # The line naming the exception a process died of (torch prefixes each rank's lines with "[rankN]: ").
@@ -76,7 +78,6 @@ def read_source(path: str | Path) -> Source:
 def target_config(source: Source, out: Path, tensor: int, pipeline: int, data: int, zero_stage: int | None) -> Config:
     """The source's config laid out as tensor x pipeline x data (ZeRO stage kept unless given), run in `out`;
     ConfigError when the model or batch does not split that way."""
-    from megapixel.train import deepspeed_config
 
     cfg = copy.deepcopy(source.cfg)
     cfg.parallel.tensor, cfg.parallel.pipeline = tensor, pipeline
@@ -95,7 +96,6 @@ def target_config(source: Source, out: Path, tensor: int, pipeline: int, data: i
 
 def start_position(cfg: Config) -> dict[str, Any]:
     """The data position at the start of cfg.data.shards' training split (for a source that reached none)."""
-    from megapixel.data.stream import make_loader
 
     try:
         loader = make_loader(
@@ -134,12 +134,6 @@ def set_schedule_position(engine: Any, step: int) -> None:
 def save_rank(job: dict[str, Any]) -> None:
     """This process's part of a reshard `job` (made by `reshard`): build the trainer's engine from the source in
     the new layout and save it as the trainer saves a checkpoint. Every rank of the layout calls it."""
-    from megapixel.checkpointing import save_checkpoint
-    from megapixel.config import from_dict
-    from megapixel.distributed import init_distributed
-    from megapixel.parallel import make_groups
-    from megapixel.rank_state import RankState
-    from megapixel.train import build_engine, deepspeed_config
 
     cfg = from_dict(job["config"], where="reshard config")
     info = init_distributed()
@@ -156,7 +150,7 @@ def save_rank(job: dict[str, Any]) -> None:
 def _launch(job: dict[str, Any], processes: int) -> None:
     """Run `save_rank(job)` in `processes` processes under torchrun; CheckpointError with their error line."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command += ["-m", "megapixel.convert.reshard", json.dumps(job)]
+    command += ["-m", "megapixel.engine.reshard", json.dumps(job)]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode == 0:
@@ -183,7 +177,6 @@ def reshard(
     """Write the model at `source` as a run folder `out` (config.yaml, palette.npy, checkpoints/) laid out as
     tensor x pipeline x data, which `megapixel train out/config.yaml --resume` continues. Returns the source
     read and the new run's config."""
-    from megapixel.palette import palette_hash, save_palette
 
     src = read_source(source)
     out = Path(out)
@@ -207,7 +200,7 @@ def reshard(
             save_rank(job)
         else:
             _launch(job, tensor * pipeline * data)
-        (out / "config.yaml").write_text(to_yaml(cfg))
+        write_atomic(out / "config.yaml", to_yaml(cfg))
         save_palette(out / "palette.npy", src.palette)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)

@@ -12,6 +12,8 @@ from types import FrameType, TracebackType
 import torch
 import torch.distributed as dist
 
+from megapixel.atomic import write_atomic
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Written into the run folder when the trainer stopped early on a signal after saving; removed by the next start.
 STOP_FILE = "stopped_on_signal.json"
@@ -65,5 +67,4 @@ class StopRequest:
 def write_stop_file(run_dir: str | Path, step: int, signal_name: str, tag: str) -> Path:
     """Record in the run folder that the trainer stopped at `step` on `signal_name` after saving `tag`."""
     path = Path(run_dir) / STOP_FILE
-    path.write_text(json.dumps({"step": step, "signal": signal_name, "checkpoint": tag}) + "\n")
-    return path
+    return write_atomic(path, json.dumps({"step": step, "signal": signal_name, "checkpoint": tag}) + "\n")

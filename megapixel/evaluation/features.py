@@ -1,4 +1,5 @@
-"""Linear-probe features of a model over a shard split, in memory or written to disk in chunks.
+"""Linear-probe features of a model over a shard split, in memory or written to disk in chunks, and the raw-pixel
+baseline they are compared with.
 
 Features of layer l are block l's normed attention input, mean-pooled over positions (the paper's n^l);
 several layers concatenate in the order asked. A BERT model's features average over several random masks
@@ -10,8 +11,6 @@ set larger than memory never has to be held), `labels.npy` (int64, -1 for unlabe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megapixel.data.shards import read_manifest
+from megapixel.atomic import new_folder
+from megapixel.data.shards.format import read_manifest
 from megapixel.data.stream import make_loader
 from megapixel.errors import ConfigError, DataError
 from megapixel.model.igpt import IGPT
 
 FEATURES = "features.npy"
+
+
 LABELS = "labels.npy"
+
+
 META = "meta.json"
 
 
@@ -142,10 +146,7 @@ def extract_to_disk(
     if total == 0:
         raise DataError(f"{shard_dir} has no {split} images")
     loader = make_loader(str(shard_dir), split, batch_size, infinite=False, n_px=model.cfg.n_px)
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with new_folder(out) as partial:
         width = len(layers) * model.cfg.n_embd
         feats = np.lib.format.open_memmap(partial / FEATURES, mode="w+", dtype=np.float32, shape=(total, width))
         labels = np.lib.format.open_memmap(partial / LABELS, mode="w+", dtype=np.int64, shape=(total,))
@@ -166,10 +167,6 @@ def extract_to_disk(
         masks = n_masks if model.cfg.objective == "bert" else 0  # an AR model's features use no mask
         info = {"layers": layers, "n_embd": model.cfg.n_embd, "count": total, "split": split, "n_masks": masks}
         (partial / META).write_text(json.dumps({**info, **(meta or {})}, indent=2) + "\n")
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
 
 
@@ -182,29 +179,36 @@ def load_features(folder: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str,
     return np.load(folder / FEATURES, mmap_mode="r"), np.load(folder / LABELS, mmap_mode="r"), meta
 
 
-def extract_command(
-    ckpt: str,
-    out: str,
-    layers: list[int] | None,
-    shards: str | None,
-    splits: list[str],
-    device: str,
-    batch_size: int = 256,
-    n_masks: int = 1,
-) -> list[Path]:
-    """Load a checkpoint and write the features of each split of `shards` (else the run's) to OUT/SPLIT."""
-    from megapixel.checkpoint import load_model
-    from megapixel.sample import check_shards_palette
+def extract_features(
+    model: IGPT, loader: Iterable[dict[str, torch.Tensor]], layers: list[int], device: str | torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 (N, len(layers) * n_embd), labels (N,)) over one pass of a loader."""
+    features, labels, _ = features_and_pixels(model, loader, layers, device, palette=None)
+    return features, labels
 
-    for split in splits:
-        if (Path(out) / split).exists():
-            raise DataError(f"{Path(out) / split} already exists: choose a new folder for the features")
-    model, cfg, palette = load_model(ckpt, device=device)
-    shard_dir = shards or cfg.data.shards
-    if not shard_dir:
-        raise DataError("feature extraction needs a shard set: pass --shards")
-    check_shards_palette(shard_dir, palette)
-    layers = check_layers(layers, model.cfg.n_layer) if layers is not None else [model.cfg.n_layer // 2]
-    meta = {"checkpoint": str(ckpt), "shards": str(shard_dir)}
-    kwargs = dict(batch_size=batch_size, n_masks=n_masks, meta=meta)
-    return [extract_to_disk(model, shard_dir, s, layers, Path(out) / s, device, **kwargs) for s in splits]
+
+def raw_pixel_features(tokens: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:
+    """The raw-pixel baseline: each token's palette colour, flattened to (N, n_ctx * 3) floats in [-1, 1]."""
+    tokens = np.asarray(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens)
+    return np.asarray(palette, dtype=np.float32)[tokens].reshape(len(tokens), -1)
+
+
+def features_and_pixels(
+    model: IGPT,
+    loader: Iterable[dict[str, torch.Tensor]],
+    layers: list[int],
+    device: str | torch.device,
+    palette: np.ndarray | None,
+    n_masks: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Features, labels and (when a palette is given) raw pixels of every sample, in one pass."""
+    feats, labels, pixels = [], [], []
+    for f, y, tokens in iter_features(model, loader, layers, device, n_masks=n_masks):
+        feats.append(f)
+        labels.append(y)
+        if palette is not None:
+            pixels.append(raw_pixel_features(tokens, palette))
+    if not feats:
+        raise DataError("the probe got no images: the split is empty")
+    raw = np.concatenate(pixels) if palette is not None else None
+    return np.concatenate(feats).astype(np.float32, copy=False), np.concatenate(labels), raw

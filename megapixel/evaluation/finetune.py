@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megapixel.checkpoint import MODEL_STATES, MODULE_PREFIX, load_model, tag_name
-from megapixel.config import Config
+from megapixel.atomic import replacing, write_atomic
+from megapixel.checkpoint.files import MODEL_STATES, MODULE_PREFIX, point_latest, tag_name
+from megapixel.config import Config, to_yaml
+from megapixel.data.palette import palette_hash, save_palette
+from megapixel.data.stream import make_loader
 from megapixel.errors import ConfigError, DataError
 from megapixel.model.igpt import IGPT
 
@@ -192,7 +193,6 @@ def finetune(
 
 def read_split(shard_dir: str | Path, split: str, n_px: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens uint16 (N, n_ctx), labels int64 (N,)) of a shard split, in its fixed order."""
-    from megapixel.data.stream import make_loader
 
     tokens, labels = [], []
     for batch in make_loader(str(shard_dir), split, 256, infinite=False, n_px=n_px):
@@ -203,23 +203,8 @@ def read_split(shard_dir: str | Path, split: str, n_px: int) -> tuple[np.ndarray
     return np.concatenate(tokens), np.concatenate(labels)
 
 
-def held_out_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(train indices, validation indices) of the labelled images, stratified; None when a class is too small."""
-    from sklearn.model_selection import train_test_split
-
-    labelled = np.flatnonzero(labels >= 0)
-    try:
-        fit, val = train_test_split(labelled, test_size=fraction, stratify=labels[labelled], random_state=seed)
-    except ValueError:
-        return None
-    return np.sort(fit), np.sort(val)
-
-
 def save_finetuned(model: IGPT, cfg: Config, palette: np.ndarray, run_dir: str | Path, step: int) -> Path:
     """Write the model as a run folder that load_model, `megapixel probe` and `megapixel sample` read."""
-    from megapixel.config import to_yaml
-    from megapixel.palette import palette_hash
-
     run_dir = Path(run_dir)
     tag = run_dir / "checkpoints" / tag_name(step)
     tag.mkdir(parents=True, exist_ok=True)
@@ -228,61 +213,13 @@ def save_finetuned(model: IGPT, cfg: Config, palette: np.ndarray, run_dir: str |
     cfg.train.run_dir = str(run_dir)
     module = {MODULE_PREFIX + name: t.detach().cpu() for name, t in model.state_dict().items()}
     state = {"module": module, "config": cfg.to_dict(), "palette_hash": palette_hash(palette), "step": step}
-    tmp = tag / f".{MODEL_STATES}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, tag / MODEL_STATES)
-    np.save(run_dir / "palette.npy", palette)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    with replacing(tag / MODEL_STATES) as tmp:
+        torch.save(state, tmp)
+    save_palette(run_dir / "palette.npy", palette)
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     # `latest` moves last, as the trainer's does: a reader never finds it naming an incomplete tag.
-    (run_dir / "checkpoints" / "latest.tmp").write_text(tag.name)
-    os.replace(run_dir / "checkpoints" / "latest.tmp", run_dir / "checkpoints" / "latest")
+    point_latest(run_dir / "checkpoints", tag.name)
     return run_dir
-
-
-def finetune_command(
-    ckpt: str,
-    out: str | None,
-    shards: str | None,
-    per_class: int | None,
-    settings: FinetuneSettings,
-    device: str,
-) -> FinetuneResult:
-    """Fine-tune a checkpoint on `shards` (else the run's): train split labels (all, or `per_class` of each class),
-    early stopping on a stratified 20% of them when there are enough, accuracy on the val split; with `out`, write
-    the fine-tuned run folder and finetune.json there."""
-    from megapixel.data.shards import read_manifest
-    from megapixel.probe import low_label_subset
-    from megapixel.sample import check_shards_palette
-
-    settings.check()
-    if out and Path(out, "checkpoints").exists():
-        raise ConfigError(f"{out} already holds checkpoints: choose a new --out folder")
-    model, cfg, palette = load_model(ckpt, device=device)
-    shard_dir = shards or cfg.data.shards
-    if not shard_dir:
-        raise DataError("fine-tuning needs labelled shards: pass --shards")
-    check_shards_palette(shard_dir, palette)
-    names = read_manifest(shard_dir).get("label_names") or []
-    if len(names) < 2:
-        raise DataError(f"fine-tuning needs shards with at least two classes: {shard_dir} has {len(names)}")
-    train_tokens, train_labels = read_split(shard_dir, "train", model.cfg.n_px)
-    test_tokens, test_labels = read_split(shard_dir, "val", model.cfg.n_px)
-    test = (test_tokens[test_labels >= 0], test_labels[test_labels >= 0])
-    chosen = np.flatnonzero(train_labels >= 0)
-    if per_class is not None:
-        chosen = low_label_subset(train_labels, per_class, settings.seed)
-    split = held_out_split(train_labels[chosen], 0.2, settings.seed) if per_class is None else None
-    val = None
-    if split is not None:
-        val = (train_tokens[chosen[split[1]]], train_labels[chosen[split[1]]])
-        chosen = chosen[split[0]]
-    model = with_classifier(model, len(names))
-    model, result = finetune(model, (train_tokens[chosen], train_labels[chosen]), test, settings, val, progress=True)
-    if out:
-        save_finetuned(model, cfg, palette, out, result.best_step)
-        record = {"settings": dataclasses.asdict(settings), "per_class": per_class, **dataclasses.asdict(result)}
-        (Path(out) / "finetune.json").write_text(json.dumps(record, indent=2) + "\n")
-    return result
 
 
 def settings_from(values: dict[str, Any]) -> FinetuneSettings:

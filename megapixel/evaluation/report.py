@@ -9,8 +9,6 @@ The test set is the shard set's val split.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,89 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from megapixel.checkpoint import load_model
-from megapixel.data.shards import read_manifest
+from megapixel.data.shards.format import read_manifest
 from megapixel.errors import ConfigError, DataError
-from megapixel.features import split_features
-from megapixel.finetune import FinetuneResult, FinetuneSettings, finetune, held_out_split, with_classifier
+from megapixel.evaluation.features import raw_pixel_features, split_features
+from megapixel.evaluation.finetune import FinetuneResult, FinetuneSettings, finetune, with_classifier
+from megapixel.evaluation.labels import held_out_split, low_label_subset
+from megapixel.evaluation.linear import ProbeResult, fit_probe
+from megapixel.evaluation.probe import concat_window, layer_slice, layer_sweep, sweep_markdown
 from megapixel.model.igpt import IGPT
-from megapixel.probe import ProbeResult, fit_probe, low_label_subset, raw_pixel_features
-from megapixel.sample import check_shards_palette
-
-# The paper's multi-layer probe concatenated 5 layers around the best one.
-CONCAT_WINDOW = 5
-
-
-def layer_slice(features: np.ndarray, position: int, n_embd: int) -> np.ndarray:
-    """The columns of the `position`-th concatenated layer of a feature matrix."""
-    return features[:, position * n_embd : (position + 1) * n_embd]
-
-
-def layer_sweep(
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
-    layers: Sequence[int],
-    n_embd: int,
-    *,
-    solver: str = "sklearn",
-    device: str = "cpu",
-) -> list[ProbeResult]:
-    """One probe per layer of features that hold `layers` concatenated in that order."""
-    (train_x, train_y), (test_x, test_y) = train, test
-    return [
-        fit_probe(
-            layer_slice(train_x, i, n_embd),
-            train_y,
-            layer_slice(test_x, i, n_embd),
-            test_y,
-            solver=solver,
-            device=device,
-        )
-        for i in range(len(layers))
-    ]
-
-
-def concat_window(best: int, n_layer: int, width: int = CONCAT_WINDOW) -> list[int]:
-    """`width` consecutive layers centred on `best` as far as the model allows."""
-    width = min(width, n_layer)
-    start = min(max(0, best - width // 2), n_layer - width)
-    return list(range(start, start + width))
-
-
-def plot_sweep(layers: Sequence[int], results: Sequence[ProbeResult], path: str | Path, title: str) -> Path:
-    """A PNG of probe accuracy (test and held-out) against depth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(layers, [100 * r.accuracy for r in results], "o-", label="test")
-    held = [r.val_accuracy for r in results]
-    if all(v is not None for v in held):
-        ax.plot(layers, [100 * v for v in held], "s--", alpha=0.7, label="held-out (chooses the layer)")
-    ax.set_xlabel("layer (block whose normed input is probed)")
-    ax.set_ylabel("linear probe accuracy (%)")
-    ax.set_xticks(list(layers))
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def sweep_markdown(layers: Sequence[int], results: Sequence[ProbeResult]) -> str:
-    """A markdown table of the sweep: layer, test accuracy, held-out accuracy, chosen C."""
-    lines = ["| layer | test accuracy | held-out accuracy | C |", "|---|---|---|---|"]
-    for layer, r in zip(layers, results, strict=True):
-        held = "-" if r.val_accuracy is None else f"{100 * r.val_accuracy:.1f}%"
-        lines.append(f"| {layer} | {100 * r.accuracy:.1f}% | {held} | {r.C:g} |")
-    return "\n".join(lines) + "\n"
 
 
 @torch.no_grad()
@@ -199,9 +122,11 @@ def _labelled(feats: np.ndarray, labels: np.ndarray, tokens: np.ndarray) -> tupl
     return feats[keep], labels[keep], tokens[keep]
 
 
-def evaluate_checkpoint(
-    ckpt: str,
-    shards: str | None = None,
+def evaluate_model(
+    model: IGPT,
+    palette: np.ndarray,
+    shard_dir: str | Path,
+    name: str,
     *,
     per_class: Sequence[int | None] = (None, 1, 5, 10),
     seeds: Sequence[int] = (0, 1, 2),
@@ -211,21 +136,14 @@ def evaluate_checkpoint(
     device: str = "cpu",
     progress: bool = True,
 ) -> Report:
-    """Evaluate a checkpoint on a labelled shard set (else its run's): see the module docstring."""
+    """Evaluate `model` (called `name` in the report) on a labelled shard set of its palette: see the module
+    docstring."""
     if not seeds:
         raise ConfigError("the report needs at least one seed")
     settings = finetune_settings or FinetuneSettings()
-    settings.check()
     # Few labels leave none to hold out for early stopping: a fixed budget, never above the all-labels row's.
     few_label_steps = min(few_label_finetune_steps, settings.steps)
-    model, cfg, palette = load_model(ckpt, device=device)
-    shard_dir = shards or cfg.data.shards
-    if not shard_dir:
-        raise DataError("the report needs labelled shards: pass --shards")
-    check_shards_palette(shard_dir, palette)
-    n_classes = len(read_manifest(shard_dir).get("label_names") or [])
-    if n_classes < 2:
-        raise DataError(f"the report needs shards with at least two classes: {shard_dir} has {n_classes}")
+    n_classes = len(read_manifest(shard_dir)["label_names"])
     layers = list(range(model.cfg.n_layer))
     n_masks = n_masks if model.cfg.objective == "bert" else 1
     d = model.cfg.n_embd
@@ -237,7 +155,7 @@ def evaluate_checkpoint(
     if len(test_y) == 0 or len(np.unique(train_y)) < 2:
         raise DataError(f"the report needs labelled train and val images of at least two classes in {shard_dir}")
     train_raw, test_raw = raw_pixel_features(train_t, palette), raw_pixel_features(test_t, palette)
-    # Few-label probes standardise with every training image, labelled or not (probe.SCALING).
+    # Few-label probes standardise with every training image, labelled or not (SCALING in evaluation/linear.py).
     pool_f, pool_raw = every[0], raw_pixel_features(every[2], palette)
 
     sweep = layer_sweep((train_f, train_y), (test_f, test_y), layers, d)
@@ -265,7 +183,7 @@ def evaluate_checkpoint(
         rows.append(row)
     loss = bert_val_loss(model, test_t, n_masks) if model.cfg.objective == "bert" else None
     finetuning = {**dataclasses.asdict(settings), "few_label_steps": few_label_steps}
-    return Report(str(ckpt), len(test_y), layers, sweep, best, window, rows, finetuning, loss)
+    return Report(name, len(test_y), layers, sweep, best, window, rows, finetuning, loss)
 
 
 def _finetune_row(
@@ -291,16 +209,3 @@ def _finetune_row(
         run = dataclasses.replace(run, steps=few_label_steps)
     _, result = finetune(with_classifier(model, n_classes), train, test, run, held)
     return result
-
-
-def report_command(ckpt: str, out: str, shards: str | None, **kwargs: Any) -> Report:
-    """Evaluate a checkpoint and write report.md, report.json and sweep.png into `out`."""
-    report = evaluate_checkpoint(ckpt, shards, **kwargs)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    plot_sweep(report.layers, report.sweep, folder / "sweep.png", f"linear probe by depth: {Path(ckpt).name}")
-    (folder / ".report.md.tmp").write_text(report.to_markdown())
-    os.replace(folder / ".report.md.tmp", folder / "report.md")
-    (folder / ".report.json.tmp").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    os.replace(folder / ".report.json.tmp", folder / "report.json")
-    return report

@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megapixel.checkpoint import load_model
-from megapixel.data.shards import read_manifest
-from megapixel.data.stream import make_loader
+from megapixel.data.images import HIDDEN_GREY, grid, save_png, scale_for, with_caption
+from megapixel.data.palette import decode_tokens
 from megapixel.errors import ConfigError, DataError
-from megapixel.images import HIDDEN_GREY, grid, save_png, scale_for, with_caption
 from megapixel.model.igpt import IGPT
-from megapixel.palette import decode_tokens, palette_hash
 
 # Logits (b, vocab) -> one drawn token per row (b,).
 _Draw = Callable[[torch.Tensor], torch.Tensor]
+
+
 # Fills columns P.. of a (b, n_ctx) token buffer whose first P columns hold the prompt.
 _Fill = Callable[[IGPT, torch.Tensor, int, _Draw], None]
 
@@ -193,52 +192,3 @@ def write_sample_grid(
     if held_out is not None:
         caption += f"; rows: original | top half | {per_image} completions"
     return save_png(with_caption(grid(rows, scale=scale_for(n_px)), caption), out_png)
-
-
-def sample_command(
-    ckpt: str,
-    out: str,
-    n: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
-    shards: str | None,
-    n_completions: int,
-    device: str,
-    per_image: int = 4,
-) -> Path:
-    """Load a checkpoint and write a PNG of `n` samples and `per_image` completions of each of the first
-    `n_completions` val images of `shards` (else of the run's shard set; none when it no longer exists)."""
-    model, cfg, palette = load_model(ckpt, device=device)
-    shard_dir = shards or (cfg.data.shards if cfg.data.shards and Path(cfg.data.shards).is_dir() else None)
-    held_out = None
-    if shard_dir and n_completions > 0:
-        check_shards_palette(shard_dir, palette)
-        held_out = _val_tokens(shard_dir, n_completions, model.cfg.n_px)
-    return write_sample_grid(
-        model,
-        palette,
-        out,
-        n_uncond=n,
-        completions_from=held_out,
-        per_image=per_image,
-        temperature=temperature,
-        top_k=top_k,
-        seed=seed,
-    )
-
-
-def check_shards_palette(shard_dir: str | Path, palette: np.ndarray) -> None:
-    """DataError unless the shard set's tokens index the same palette the model was trained on."""
-    if read_manifest(shard_dir)["palette_hash"] != palette_hash(palette):
-        raise DataError(f"{shard_dir} uses another palette than the checkpoint: give the shard set it was trained on")
-
-
-def _val_tokens(shard_dir: str, count: int, n_px: int) -> torch.Tensor:
-    """The first `count` images of a shard set's val split, in its fixed evaluation order."""
-    taken: list[torch.Tensor] = []
-    for batch in make_loader(shard_dir, "val", min(count, 64), infinite=False, n_px=n_px):
-        taken.append(batch["tokens"])
-        if sum(len(t) for t in taken) >= count:
-            break
-    return torch.cat(taken)[:count]

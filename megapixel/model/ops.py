@@ -18,6 +18,8 @@ def use_triton(kernels: str, x: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str) -> torch.Tensor:
     """iGPT's norm: x * rsqrt(mean(x^2) + eps) * weight (no mean subtraction, no bias)."""
     if use_triton(kernels, x):
+        # Imported here: importing the kernels imports Triton, which chooses then between compiling and
+        # interpreting them; models on the CPU never need it.
         from megapixel_kernels.norm import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, weight, eps=eps)
@@ -27,6 +29,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str) ->
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, kernels: str) -> torch.Tensor:
     """Softmax attention on (batch, heads, seq, head_dim) tensors."""
     if use_triton(kernels, q):
+        # Imported here, as the norm above.
         from megapixel_kernels.attention import attention as triton_attention
 
         return triton_attention(q, k, v, causal=causal)

@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 
 from megapixel.errors import ConfigError
@@ -49,8 +50,6 @@ def _inherited_from_plain_process() -> bool:
 
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); safe to call twice."""
-    import deepspeed
-
     if not torch.distributed.is_initialized():
         if ("RANK" not in os.environ and "WORLD_SIZE" not in os.environ) or _inherited_from_plain_process():
             # A plain `python ...` process: without these DeepSpeed falls back to MPI discovery and fails.

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megapixel.model.igpt import IGPT
 from megapixel.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -87,9 +89,6 @@ def pipeline_loss(objective: str, tensor_group: dist.ProcessGroup) -> Callable[[
 def pipeline_module(model: IGPT, groups: ParallelGroups, checkpoint_blocks: bool, own: Own) -> nn.Module:
     """A DeepSpeed PipelineModule over `model`'s (already tensor-parallel, still meta) modules, the blocks split
     evenly over the stages; `own(only)` gives this rank's weights that `only` names their values."""
-    from deepspeed.pipe import LayerSpec, PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
     specs = [
         LayerSpec(EmbedStage, model, own),
         *(LayerSpec(BlockStage, model, index, own) for index in range(len(model.blocks))),

@@ -1,4 +1,4 @@
-"""Memory and time per GPU for a model laid out over a cluster (the search over layouts: megapixel/plan_search.py).
+"""Memory and time per GPU for a model laid out over a cluster (the search over layouts: megapixel/planning/search.py).
 
 Model state follows what DeepSpeed allocates with bf16 and ZeRO (measured on real engines, docs/scaling.md):
 bf16 working weights, bf16 gradients, fp32 master weights and Adam moments, and the fp32 gradient the
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from megapixel.config import Config
-from megapixel.info import flops_per_token
+from megapixel.planning.counts import flops_per_token
 
 GB = 1e9
 # H100 SXM, dense bf16 tensor-core peak (NVIDIA's datasheet, without sparsity).

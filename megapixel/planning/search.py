@@ -1,6 +1,7 @@
 """The search for the fastest layout that fits a cluster, cfg's own layout, and the planner's report.
 
-Each layout is costed by megapixel/plan.py; the rejections and the ranking are described in docs/scaling.md.
+Each layout is costed by megapixel/planning/estimate.py; the rejections and the ranking are described in
+docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -10,7 +11,17 @@ from dataclasses import dataclass
 
 from megapixel.config import Config
 from megapixel.errors import ConfigError
-from megapixel.plan import DS_PERSISTENCE_THRESHOLD, DS_REDUCE_BUCKET, GB, Cluster, Estimate, Layout, estimate
+from megapixel.parallel.groups import check_world, validate_layout
+from megapixel.planning.counts import parameter_counts
+from megapixel.planning.estimate import (
+    DS_PERSISTENCE_THRESHOLD,
+    DS_REDUCE_BUCKET,
+    GB,
+    Cluster,
+    Estimate,
+    Layout,
+    estimate,
+)
 
 
 @dataclass
@@ -144,7 +155,6 @@ def format_search(result: Search, cluster: Cluster, explain: bool = False, top: 
 
 def config_layout(cfg: Config, gpus: int, batch: int | None = None, flash: bool = True) -> Layout:
     """The layout cfg itself asks for on `gpus` GPUs: its parallel section, micro-batch and DeepSpeed offload."""
-    from megapixel.parallel.groups import check_world, validate_layout
 
     validate_layout(cfg, gpus)
     data = check_world(cfg.parallel, gpus)
@@ -187,7 +197,6 @@ def plan_report(
     flash: bool = True,
 ) -> tuple[str, dict]:
     """The planner's text for cfg's model on each GPU count (a search, or cfg's own layout), and its data."""
-    from megapixel.info import parameter_counts
 
     total = sum(parameter_counts(cfg).values())
     m = cfg.model

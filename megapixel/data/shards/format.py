@@ -1,4 +1,4 @@
-"""Shard sets on disk: images -> palette tokens in .tar shards, with a palette and a manifest.
+"""The shard-set format: writing one shard, reading one (memory-mapped), and reading and checking a set's manifest.
 
 A shard set is a folder holding `palette.npy`, `manifest.json`, `train-000000.tar ...` and
 `val-000000.tar ...`. Version 2 (written now) groups a whole shard into three tar members:
@@ -19,30 +19,37 @@ from pathlib import Path
 
 import numpy as np
 
+from megapixel.atomic import replacing
+from megapixel.data.palette import load_palette, palette_hash
 from megapixel.errors import DataError
-from megapixel.palette import load_palette, palette_hash
 
 FORMAT = "megapixel-shards"
+
+
 VERSION = 2
+
+
 READABLE_VERSIONS = (1, 2)
+
+
 SPLITS = ("train", "val")
+
+
 MEMBER = "samples"
 
 
 def write_shard(path: Path, tokens: np.ndarray, labels: np.ndarray | None, keys: list[str]) -> None:
     """Write one version-2 shard; the file appears complete under `path` or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
     members = [("tok", np.ascontiguousarray(tokens, dtype="<u2").tobytes())]
     if labels is not None:
         members.append(("cls", np.asarray(labels, dtype="<i4").tobytes()))
     members.append(("keys", json.dumps(keys).encode()))
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with replacing(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for ext, data in members:
             # A fixed mtime and owner make the same samples give byte-identical shards (stable hashes).
             info = tarfile.TarInfo(f"{MEMBER}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, _BytesReader(data))
-    tmp.replace(path)
 
 
 class _BytesReader:
@@ -181,70 +188,7 @@ def crops_of(manifest: dict, split: str) -> int:
     return max(1, int(manifest.get("train_crops", 0))) if split == "train" else 1
 
 
-def verify_shards(shard_dir: str | Path) -> list[str]:
-    """Every problem found in a shard set: checksums, per-shard counts, labels in range; [] when sound."""
-    shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
-    problems = []
-    for split in SPLITS:
-        total = 0
-        crops = crops_of(manifest, split)
-        for shard in manifest["splits"][split]["shards"]:
-            path = shard_dir / shard["name"]
-            if "sha256" in shard and file_sha256(path) != shard["sha256"]:
-                problems.append(f"{shard['name']}: checksum differs from the manifest (changed or truncated)")
-            try:
-                tokens, labels = open_shard(path, manifest["n_px"], manifest["version"], crops)
-            except DataError as err:
-                problems.append(str(err))
-                continue
-            total += len(tokens) // crops
-            if len(tokens) != shard["count"] * crops:
-                problems.append(
-                    f"{shard['name']}: holds {len(tokens) // crops} images, the manifest says {shard['count']}"
-                )
-            if len(tokens) and int(tokens.max()) >= manifest["n_vocab"]:
-                problems.append(
-                    f"{shard['name']}: token {int(tokens.max())} is outside the {manifest['n_vocab']} colours"
-                )
-            n_labels = len(manifest["label_names"])
-            if labels is not None and len(labels) and (labels.max() >= n_labels or labels.min() < -1):
-                problems.append(f"{shard['name']}: labels outside 0..{n_labels - 1}")
-        if total != manifest["splits"][split]["count"] and not problems:
-            problems.append(
-                f"{split}: {total} images in its shards, the manifest says {manifest['splits'][split]['count']}"
-            )
-    return problems
-
-
-def __getattr__(name: str) -> object:
-    # Writing lives in megapixel/data/writer.py (which imports this module); this keeps
-    # `from megapixel.data.shards import write_shards` working without a circular import.
-    if name == "write_shards":
-        from megapixel.data.writer import write_shards
-
-        return write_shards
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def write_previews(shard_dir: str | Path, out_dir: str | Path, count: int = 8, split: str = "train") -> list[Path]:
-    """Decode the first `count` images of a split through the palette and write them as PNGs (upscaled to view)."""
-    from megapixel.images import save_png, scale_for, upscale
-    from megapixel.palette import decode_tokens
-
-    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
-    manifest = read_manifest(shard_dir)
-    palette = load_palette(shard_dir / "palette.npy")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    n_px = manifest["n_px"]
-    for shard in manifest["splits"][split]["shards"]:
-        crops = crops_of(manifest, split)
-        tokens, labels = open_shard(shard_dir / shard["name"], n_px, manifest["version"], crops)
-        for row in range(min(len(tokens) // crops, count - len(written))):
-            label = "" if labels is None or labels[row] < 0 else f"-{manifest['label_names'][labels[row]]}"
-            image = upscale(decode_tokens(tokens[row * crops].reshape(n_px, n_px), palette), scale_for(n_px))
-            written.append(save_png(image, out_dir / f"{split}-{len(written):03d}{label}.png"))
-        if len(written) >= count:
-            break
-    return written
+def check_shards_palette(shard_dir: str | Path, palette: np.ndarray) -> None:
+    """DataError unless the shard set's tokens index the same palette the model was trained on."""
+    if read_manifest(shard_dir)["palette_hash"] != palette_hash(palette):
+        raise DataError(f"{shard_dir} uses another palette than the checkpoint: give the shard set it was trained on")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megapixel.data.sources import IMAGE_SUFFIXES, Sample, Source, UnreadableImage, decode_image
+from megapixel.data.sources.base import IMAGE_SUFFIXES, Sample, Source, UnreadableImage, decode_image
 from megapixel.errors import DataError
 
 # Label files accepted in an ImageNet val folder (see docs/data.md).
