@@ -27,7 +27,14 @@ from tests.harness.engine import (
     interrupted_run_worker,
     run_engine,
 )
-from tests.harness.parallel import JITTERS, ROUNDING, assert_as_close_as_rounding_carries, run_processes
+from tests.harness.parallel import (
+    JITTERS,
+    ROUNDING,
+    assert_as_close_as_rounding_carries,
+    global_batches,
+    run_processes,
+    shard_of,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -51,29 +58,12 @@ LAYOUTS = {
         4,
     ),
 }
-SPLIT_ROWS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "c_fc.weight", "wte.weight", "head.weight")
-SPLIT_COLUMNS = ("attn.c_proj.weight", "mlp.c_proj.weight")
 SEED = random.randrange(2**31)
-
-
-def shard_of(name: str, full: torch.Tensor, tensor_rank: int, tensor_size: int) -> torch.Tensor:
-    if name.endswith(SPLIT_ROWS):
-        return full.chunk(tensor_size, dim=0)[tensor_rank]
-    if name.endswith(SPLIT_COLUMNS):
-        return full.chunk(tensor_size, dim=1)[tensor_rank]
-    return full
 
 
 @pytest.fixture(scope="module")
 def batches():
-    gen = torch.Generator().manual_seed(SEED)
-    return [
-        (
-            torch.randint(0, N_VOCAB, (BATCH, N_PX * N_PX), generator=gen),
-            torch.randint(0, N_CLASSES, (BATCH,), generator=gen),
-        )
-        for _ in range(STEPS)
-    ]
+    return global_batches(SEED, STEPS, BATCH, N_VOCAB, N_PX * N_PX, N_CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,42 @@ def new_optimizer(model: IGPT, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
+# Which weights a tensor-parallel layout splits, and along which dimension; every other weight is replicated.
+SPLIT_ROWS = (
+    "attn.q_proj.weight",
+    "attn.k_proj.weight",
+    "attn.v_proj.weight",
+    "mlp.c_fc.weight",
+    "wte.weight",
+    "head.weight",
+)
+SPLIT_COLUMNS = ("attn.c_proj.weight", "mlp.c_proj.weight")
+
+
+def shard_of(name: str, full: torch.Tensor, tensor_rank: int, tensor_size: int) -> torch.Tensor:
+    """The slice of the one-process tensor `name` that tensor rank `tensor_rank` of `tensor_size` must hold."""
+    if name.endswith(SPLIT_ROWS):
+        return full.chunk(tensor_size, dim=0)[tensor_rank]
+    if name.endswith(SPLIT_COLUMNS):
+        return full.chunk(tensor_size, dim=1)[tensor_rank]
+    return full
+
+
+def global_batches(
+    seed: int, steps: int, batch: int, n_vocab: int, n_ctx: int, n_classes: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`steps` global batches of (tokens, labels) drawn from `seed`: what every layout and its one-process
+    reference train on."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randint(0, n_vocab, (batch, n_ctx), generator=gen),
+            torch.randint(0, n_classes, (batch,), generator=gen),
+        )
+        for _ in range(steps)
+    ]
+
+
 # How close a parallel layout must come to one process. The layouts add the same fp32 products in another order
 # (split matmuls, all-reduces, micro-batches), and Adam turns the rounding of near-zero gradients into steps of
 # length lr, so how far a result may move depends on the seed; it is measured, not guessed: one process is rerun

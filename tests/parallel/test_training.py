@@ -16,8 +16,12 @@ from megapixel.config import ModelConfig
 from tests.harness.parallel import (
     JITTERS,
     ROUNDING,
+    SPLIT_COLUMNS,
+    SPLIT_ROWS,
     assert_as_close_as_rounding_carries,
+    global_batches,
     run_processes,
+    shard_of,
     single_process_run,
     training_worker,
 )
@@ -34,42 +38,13 @@ CASES = {
 LAYOUTS = {"tensor2": (2, 2), "data2": (1, 2), "tensor2-data2": (2, 4), "tensor4": (4, 4), "data4": (1, 4)}
 TENSOR_LAYOUTS = [name for name, (tensor, _) in LAYOUTS.items() if tensor > 1]
 
-# Which weights each layer splits, and along which dimension; every other weight is replicated.
-SPLIT_ROWS = (
-    "attn.q_proj.weight",
-    "attn.k_proj.weight",
-    "attn.v_proj.weight",
-    "mlp.c_fc.weight",
-    "wte.weight",
-    "head.weight",
-)
-SPLIT_COLUMNS = ("attn.c_proj.weight", "mlp.c_proj.weight")
-
-
-def expected_shard(name: str, full: torch.Tensor, tensor_rank: int, tensor_size: int) -> torch.Tensor:
-    """The slice of a size-1 tensor that tensor rank `tensor_rank` must hold."""
-    if name.endswith(SPLIT_ROWS):
-        return full.chunk(tensor_size, dim=0)[tensor_rank]
-    if name.endswith(SPLIT_COLUMNS):
-        return full.chunk(tensor_size, dim=1)[tensor_rank]
-    return full
-
-
 # Drawn fresh each run; failure messages name it so a failing draw can be replayed.
 SEED = random.randrange(2**31)
 
 
 @pytest.fixture(scope="module")
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """STEPS global batches of (tokens, labels)."""
-    gen = torch.Generator().manual_seed(SEED)
-    return [
-        (
-            torch.randint(0, N_VOCAB, (BATCH, N_PX * N_PX), generator=gen),
-            torch.randint(0, N_CLASSES, (BATCH,), generator=gen),
-        )
-        for _ in range(STEPS)
-    ]
+    return global_batches(SEED, STEPS, BATCH, N_VOCAB, N_PX * N_PX, N_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +99,7 @@ def test_each_weight_shard_is_the_matching_slice_of_the_single_process_weight(pa
     for case, tensor_rank, tensor_size, run, ref in each_rank(parallel, reference, layout):
         assert run["start"].keys() == ref["start"].keys()
         for name, shard in run["start"].items():
-            expected = expected_shard(name, ref["start"][name], tensor_rank, tensor_size)
+            expected = shard_of(name, ref["start"][name], tensor_rank, tensor_size)
             assert torch.equal(shard, expected), f"{case}: {name} on tensor rank {tensor_rank}"
 
 
@@ -143,7 +118,7 @@ def test_split_weights_carry_the_tensor_parallel_mark_deepspeed_reads(parallel, 
 
 def assert_rounding_close(actual: torch.Tensor, full: torch.Tensor, name: str, tensor_rank: int, tensor_size: int):
     """`actual` is this rank's slice of the single-process tensor `name`, to fp32 rounding of its scale."""
-    expected = expected_shard(name, full, tensor_rank, tensor_size)
+    expected = shard_of(name, full, tensor_rank, tensor_size)
     atol = ROUNDING * full.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda m: f"{name} (seed {SEED}): {m}")
 
@@ -185,9 +160,7 @@ def test_losses_and_weights_match_single_process_over_five_adamw_steps(parallel,
         # Adam divides each gradient by its running size, so a weight whose gradient is near Adam's eps takes steps
         # whose direction follows the rounding: the final weights are held to the same per-seed bound.
         for name, weight in run["final"].items():
-            plain, *others = (
-                expected_shard(name, r["final"][name], tensor_rank, tensor_size) for r in [ref, *jittered]
-            )
+            plain, *others = (shard_of(name, r["final"][name], tensor_rank, tensor_size) for r in [ref, *jittered])
             assert_as_close_as_rounding_carries(weight, plain, others, f"{case} {layout} {name} (seed {SEED})")
 
 
