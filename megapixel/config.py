@@ -26,17 +26,25 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class ModelConfig:
     """The iGPT network: GPT-2 blocks over palette tokens in raster order."""
 
+    # Transformer blocks.
     n_layer: int = 24
+    # Width of the residual stream.
     n_embd: int = 512
+    # Attention heads; must divide n_embd.
     n_head: int = 8
+    # Palette size: a token is a colour's index (must match the shard set's palette).
     n_vocab: int = 512
+    # Image side in pixels: an image is n_px * n_px tokens in raster order.
     n_px: int = 32
     # Sequence length; must equal n_px * n_px (None: derived from n_px).
     n_ctx: int | None = None
+    # "ar" (autoregressive: predict each pixel from the ones before) or "bert" (predict masked pixels).
     objective: str = "ar"
+    # The share of positions the BERT objective masks.
     bert_mask_prob: float = 0.15
     # Classes of the classification head; 0 means no head.
     n_classes: int = 0
+    # "triton" (the fused kernels), "torch", or "auto" (Triton for CUDA tensors, torch elsewhere).
     kernels: str = "auto"
 
     def __post_init__(self) -> None:
@@ -54,8 +62,11 @@ class DataConfig:
 
     # A shard set folder (palette.npy, manifest.json, train-*.tar, val-*.tar).
     shards: str = ""
+    # Data-loader worker processes per rank; 0: load in the training process.
     num_workers: int = 0
+    # Each epoch shuffles the samples inside windows of this many consecutive samples of its shard order.
     shuffle_buffer: int = 1000
+    # Random horizontal flips of the training images.
     flip: bool = False
     # Shards stored at a multiple of model.n_px (64x64 for a 32x32 model) are area-downsampled through
     # the palette while streaming; off, a resolution mismatch is an error.
@@ -66,27 +77,46 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpointing."""
 
+    # Where the run's files go: config.yaml, palette.npy, metrics.jsonl, tb/ and checkpoints/.
     run_dir: str = "runs/default"
+    # Optimizer steps in the run.
     steps: int = 1000
-    batch_size: int = 32  # global batch: micro_batch * grad_accum * data-parallel ranks
-    micro_batch: int = 0  # 0: batch_size / data-parallel ranks (no accumulation)
+    # Global batch in images: micro_batch * gradient accumulation steps * data-parallel ranks.
+    batch_size: int = 32
+    # Images a rank runs at once; 0: batch_size / data-parallel ranks (no accumulation).
+    micro_batch: int = 0
+    # Peak learning rate, reached at the end of the warmup.
     lr: float = 3e-3
+    # Steps of linear warmup from 0 to lr; a cosine decay to min_lr follows.
     warmup_steps: int = 100
+    # Learning rate at the end of the cosine decay (the paper decays to 0).
     min_lr: float = 0.0
+    # Adam's decay rate of the gradient mean (the paper: 0.9).
     beta1: float = 0.9
+    # Adam's decay rate of the squared gradient mean (the paper: 0.95).
     beta2: float = 0.95
+    # AdamW's decoupled weight decay (the paper uses none).
     weight_decay: float = 0.0
+    # Clip the global gradient norm to this; 0: no clipping.
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # "auto": bf16 on CUDA, fp32 on CPU; or "fp32", "bf16", "fp16".
+    precision: str = "auto"
+    # Seeds the initial weights, the data order, flips and BERT masks.
     seed: int = 0
+    # Steps between lines of metrics.jsonl (and TensorBoard points).
     log_every: int = 10
+    # Steps between validation passes (one also runs at the last step).
     eval_every: int = 200
+    # Val batches a validation pass reads at most; 0: no validation.
     eval_batches: int = 10
+    # Steps between checkpoints (one is also saved at the last step and on a stop signal).
     save_every: int = 500
+    # Checkpoints kept; older ones are deleted.
     keep_last: int = 3
     # Stop (after saving) when this many steps in a row had non-finite gradients and were skipped; 0: never.
     # fp16's loss scale search skips a few steps in a row at the start, so the limit leaves room for it.
     max_skipped_steps: int = 20
+    # Show a progress bar (on the main rank).
     progress: bool = True
     # Start from these weights instead of a random init, in whatever layout this run has: a consolidated
     # folder, a HF ImageGPT folder or a training checkpoint ("": random init). --resume replaces them.
@@ -97,9 +127,14 @@ class TrainConfig:
 class ParallelConfig:
     """How the model is laid out over processes; data-parallel size is what is left."""
 
+    # Tensor-parallel size: each block's matrices, the embedding and the head split over this many ranks (it
+    # must divide model.n_head and model.n_vocab).
     tensor: int = 1
+    # Pipeline stages, each a run of consecutive blocks (at most model.n_layer).
     pipeline: int = 1
+    # DeepSpeed's ZeRO stage, 0-3 (2 and 3 only with one pipeline stage).
     zero_stage: int = 0
+    # Recompute each block in the backward pass instead of keeping its activations.
     activation_checkpointing: bool = False
 
 
@@ -107,9 +142,13 @@ class ParallelConfig:
 class Config:
     """Everything a run needs, flowing down from the entry point."""
 
+    # The network.
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The shard set and how it is streamed.
     data: DataConfig = field(default_factory=DataConfig)
+    # Optimisation, schedule, logging and checkpointing.
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The layout over processes.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Passed through to DeepSpeed's config, overriding what megapixel derives.
     deepspeed: dict[str, Any] = field(default_factory=dict)
