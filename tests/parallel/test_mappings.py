@@ -27,7 +27,7 @@ def problem() -> dict:
 
 @pytest.fixture(scope="module")
 def ranks(problem) -> list[dict]:
-    return run_processes(primitives_worker, WORLD, problem["x"], problem["logits"], problem["target"], timeout_s=60)
+    return run_processes(primitives_worker, WORLD, problem["x"], problem["logits"], problem["target"], timeout_s=300)
 
 
 def rank_sum() -> float:

@@ -70,7 +70,7 @@ def parallel(batches):
         tensor, world = LAYOUTS[layout]
         if world not in cache:
             sizes = [t for t, w in LAYOUTS.values() if w == world]
-            cache[world] = run_processes(training_worker, world, sizes, CASES, SEED, batches, LR, timeout_s=60)
+            cache[world] = run_processes(training_worker, world, sizes, CASES, SEED, batches, LR, timeout_s=300)
         return [by_tensor[tensor] for by_tensor in cache[world]]
 
     return get
