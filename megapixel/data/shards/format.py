@@ -1,10 +1,11 @@
-"""The shard-set format: writing one shard, reading one (memory-mapped), and reading and checking a set's manifest.
+"""The shard-set format: writing one shard, reading one (a file memory-mapped, or a fetched shard's bytes), and
+reading and checking a set's manifest wherever the set is (a folder, or a URL / pipe: location: remote.py).
 
 A shard set is a folder holding `palette.npy`, `manifest.json`, `train-000000.tar ...` and
 `val-000000.tar ...`. Version 2 (written now) groups a whole shard into three tar members:
 `samples.tok` (n x n_px*n_px little-endian uint16 palette indices in raster order), `samples.cls`
 (n little-endian int32 class indices, -1 for none; present when the source is labelled) and
-`samples.keys` (the source keys, JSON). Readers memory-map the token array in place, so streaming
+`samples.keys` (the source keys, JSON). Readers view the token array in place, so streaming
 costs no per-sample tar parsing. A set made with `train_crops` K > 1 (manifest field) holds K
 token rows per training image, image by image: the image's K stored random crops. Version 1 sets
 (one `KEY.tok` / `KEY.cls` member per sample) are still read. `megapixel/data/writer.py` writes shard sets.
