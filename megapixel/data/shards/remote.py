@@ -13,8 +13,8 @@
 
 A pattern is another way of writing the folder (the manifest beside the shards lists every shard): it must name all
 the shards of each split it names. Remote files are read whole through `webdataset.gopen` (its curl retries HTTP
-5xx and timeouts itself) and each read is tried `ATTEMPTS` times with doubling pauses, so a reset connection, a cut
-transfer or a persistent server error ends in one line naming the file and the last error.
+408, 429, 500, 502-504 and timeouts itself) and each read is tried `ATTEMPTS` times with doubling pauses, so a reset
+connection, a cut transfer or a persistent server error ends in one line naming the file and the last error.
 """
 
 from __future__ import annotations
