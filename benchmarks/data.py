@@ -7,16 +7,23 @@ time is decode + resize + encode + write), in this process and with 1 and 2 work
 included), and per core used. Streaming: samples/s of one loader process (what one data-loader worker gives)
 over grouped (version-2) shards, batches of 128, with flips; the baseline is webdataset's plain per-sample
 pipeline (one tar member per sample, shuffle, decode, batch) over the same tokens, measured in the same run.
-On-the-fly 64 -> 32 downsampling through the palette is measured on random tokens (every block a new colour:
-the worst case), cold and after its colour table has filled for a while, and on the JPEGs' own tokens.
+The cost of checking each shard's sha256 when a stream first opens it: the first epoch (and three) of a fresh
+stream with and without the checksums. Remote sets: the same stream from a web server on 127.0.0.1 against the
+local files, as rank 0 of 1 and of 8 ranks. On-the-fly 64 -> 32 downsampling through the palette is measured on
+random tokens (every block a new colour: the worst case), cold and after its colour table has filled for a while,
+and on the JPEGs' own tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -24,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from megapixel.data.palette import palette_hash, save_palette
-from megapixel.data.shards.format import FORMAT, VERSION, write_shard
+from megapixel.data.shards.format import FORMAT, VERSION, file_sha256, write_shard
 from megapixel.data.sources import open_source
 from megapixel.data.writer import write_shards
 
@@ -64,7 +71,7 @@ def make_token_set(folder: Path, n_px: int, samples: int, palette: np.ndarray, r
         count = min(10_000, samples - start)
         name = f"train-{number:06d}.tar"
         write_shard(folder / name, rng.integers(0, 512, (count, n_px * n_px)), rng.integers(0, 1000, count), [])
-        shards.append({"name": name, "count": count})
+        shards.append({"name": name, "count": count, "sha256": file_sha256(folder / name)})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -102,6 +109,8 @@ def bench_streaming(root: Path, samples: int, palette: np.ndarray, rng: np.rando
         list(islice(loader, 2))  # open the shards once (page cache), as a running stream has
         rate = samples_per_s(loader, samples)
         rows.append({"what": f"megapixel stream {n_px}x{n_px}, 1 worker", "samples_per_s": rate})
+    rows += bench_checksums(root / "tokens-32", samples)
+    rows += bench_remote(root / "tokens-32", samples)
     rows += bench_downsampling(root, samples)
     # Baseline: the same 32x32 tokens, one tar member per sample, webdataset's plain pipeline.
     tokens = rng.integers(0, 512, (samples, 1024)).astype("<u2")
@@ -123,6 +132,68 @@ def bench_streaming(root: Path, samples: int, palette: np.ndarray, rng: np.rando
     rate = samples_per_s(pipeline, samples)
     rows.append({"what": "webdataset per-sample 32x32, 1 worker (baseline)", "samples_per_s": rate})
     return rows
+
+
+def bench_checksums(folder: Path, samples: int, rounds: int = 3) -> list[dict]:
+    """The first epoch of a fresh stream (each shard's sha256 checked as it is first opened) against the same stream
+    with the checksums left out of its plan, alternating, best of `rounds`; then three epochs of each."""
+    from megapixel.data.stream import Loader, make_loader
+
+    checked = make_loader(str(folder), "train", BATCH, flip=True, shuffle_buffer=1000).plan
+    unchecked = replace(checked, shard_sha256=(None,) * len(checked.shard_files))
+    list(islice(Loader(checked, 0, True), 2))  # the files in the page cache, as for the rows above
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(rounds):
+        for label, plan in (("checked", checked), ("unchecked", unchecked)):
+            for epochs in (1, 3):
+                rate = samples_per_s(Loader(plan, 0, True), epochs * samples)
+                best[label, epochs] = max(best.get((label, epochs), 0.0), rate)
+    rows = []
+    for epochs in (1, 3):
+        cost = 1 - best["checked", epochs] / best["unchecked", epochs]
+        for label in ("unchecked", "checked"):
+            what = f"stream 32x32, {epochs} epoch{'s' if epochs > 1 else ''} from start, sha256 {label}"
+            rows.append({"what": what, "samples_per_s": best[label, epochs]})
+        rows[-1]["cost_percent"] = 100 * cost
+    return rows
+
+
+def bench_remote(folder: Path, samples: int) -> list[dict]:
+    """The 32x32 set streamed by one worker from local files and from a web server on 127.0.0.1 (python -m
+    http.server in its own process; webdataset's gopen, i.e. curl), as rank 0 of 1 and of 8 ranks (a rank of 8
+    reads an eighth of each shard it fetches whole); each from the start, best of two."""
+    from megapixel.data.stream import make_loader
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(100):
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        rows = []
+        for ranks in (1, 8):
+            for where, label in ((str(folder), "local files"), (url, "loopback http")):
+                rate = max(
+                    samples_per_s(
+                        make_loader(where, "train", BATCH, world_size=ranks, flip=True, shuffle_buffer=1000),
+                        samples // ranks,
+                    )
+                    for _ in range(2)
+                )
+                rows.append({"what": f"stream 32x32 from {label}, rank 0 of {ranks}, 1 worker", "samples_per_s": rate})
+        return rows
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def bench_downsampling(root: Path, samples: int) -> list[dict]:
@@ -166,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
         make_jpegs(root / "jpegs", args.images, rng)
         rows = bench_sharding(root, args.images, palette) + bench_streaming(root, args.samples, palette, rng)
     for row in rows:
-        numbers = ", ".join(f"{k} {v:,.0f}" for k, v in row.items() if k != "what")
+        numbers = ", ".join(
+            f"{k} {v:,.2f}" if k == "cost_percent" else f"{k} {v:,.0f}" for k, v in row.items() if k != "what"
+        )
         print(f"{row['what']:<56} {numbers}")
     Path(args.out).write_text(json.dumps({"benchmark": "data", "results": rows}, indent=2) + "\n")
 

@@ -60,7 +60,10 @@ class ModelConfig:
 class DataConfig:
     """Where the shards are and how they are streamed."""
 
-    # A shard set folder (palette.npy, manifest.json, train-*.tar, val-*.tar).
+    # A shard set (palette.npy, manifest.json, train-*.tar, val-*.tar): a folder, or where to fetch it through
+    # webdataset: a folder URL (https://host/set/), a brace pattern of its shards
+    # (https://host/set/train-{000000..000127}.tar) or a pipe: command naming them
+    # (pipe:aws s3 cp s3://bucket/set/train-{000000..000127}.tar -); megapixel/data/shards/remote.py.
     shards: str = ""
     # Data-loader worker processes per rank; 0: load in the training process.
     num_workers: int = 0

@@ -1,5 +1,6 @@
 """The launch recipes: size configs with layouts that fit their GPU counts, the smoke test under torchrun and the
-deepspeed launcher on the CPU, and the commands the deepspeed and slurm scripts build."""
+deepspeed launcher on the CPU (each run in a folder of its own), the XL script run from a shell and by the deepspeed
+launcher, and the commands the slurm scripts build."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from megapixel.config import load
 from megapixel.engine.build import deepspeed_config
@@ -20,6 +22,7 @@ from megapixel.parallel import validate_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
+XL = RECIPES / "igpt_xl.sh"
 # The GPUs each size's layout is written for (its comment does the memory arithmetic).
 GPUS = {"s": 8, "m": 8, "l": 8, "xl": 32}
 
@@ -50,9 +53,9 @@ def test_xl_recipe_is_tensor4_by_pipeline2_with_zero1_and_checkpointing():
     assert (p.tensor, p.pipeline, p.zero_stage, p.activation_checkpointing) == (4, 2, 1, True)
 
 
-def run_smoke(tmp_path: Path, *args: str) -> Path:
+def run_smoke(out: Path, *args: str) -> str:
     done = subprocess.run(
-        ["bash", str(RECIPES / "smoke.sh"), "--out", str(tmp_path), *args],
+        ["bash", str(RECIPES / "smoke.sh"), "--out", str(out), *args],
         env=clean_env(),
         cwd=ROOT,
         capture_output=True,
@@ -60,54 +63,127 @@ def run_smoke(tmp_path: Path, *args: str) -> Path:
         timeout=400,
     )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
-    return tmp_path
+    return done.stdout
 
 
 @pytest.mark.slow
-def test_smoke_trains_20_steps_with_tensor2_under_torchrun_and_pipeline2_under_deepspeed(tmp_path):
+def test_smoke_trains_20_steps_with_tensor2_under_torchrun_and_pipeline2_under_deepspeed_each_in_a_new_folder(tmp_path):
     run_smoke(tmp_path, "--nproc", "2", "parallel.tensor=2")
     run_smoke(tmp_path, "--launcher", "deepspeed", "--nproc", "2", "parallel.pipeline=2")
+    # The same launcher again, another layout: a fresh folder of its own, not the first run's checkpoints.
+    again = run_smoke(tmp_path, "--nproc", "2", "parallel.pipeline=2")
+    assert f"smoke.sh: training into {tmp_path}/run-torchrun-2\n" in again
+    assert f"trained 20 steps: run in {tmp_path}/run-torchrun-2\n" in again
     logged = {}
-    for launcher in ("torchrun", "deepspeed"):
-        records = read_metrics(tmp_path / f"run-{launcher}")
-        logged[launcher] = [r for r in records if "loss" in r]
-        assert [r["step"] for r in logged[launcher]] == [5, 10, 15, 20]
+    for run in ("run-torchrun-1", "run-deepspeed-1", "run-torchrun-2"):
+        records = read_metrics(tmp_path / run)
+        logged[run] = [r for r in records if "loss" in r]
+        assert [r["step"] for r in logged[run]] == [5, 10, 15, 20]
         # From log 16 = 2.77 nats (zero head) down: the tiny model learns the digits.
-        assert logged[launcher][-1]["loss"] < 2.5
-        assert (tmp_path / f"run-{launcher}" / "checkpoints" / "latest").read_text() == "step_0000020"
-    # Two layouts of one model on the same data: the same losses, to fp32 rounding (see test_parallel_engine).
-    assert [r["loss"] for r in logged["deepspeed"]] == pytest.approx([r["loss"] for r in logged["torchrun"]], rel=1e-5)
+        assert logged[run][-1]["loss"] < 2.5
+        assert (tmp_path / run / "checkpoints" / "latest").read_text() == "step_0000020"
+    # Three layouts of one model on the same data: the same losses, to fp32 rounding (see test_parallel_engine).
+    for run in ("run-deepspeed-1", "run-torchrun-2"):
+        expected = [r["loss"] for r in logged["run-torchrun-1"]]
+        assert [r["loss"] for r in logged[run]] == pytest.approx(expected, rel=1e-5)
     # Each tensor rank wrote its shard of the model; each pipeline stage its layers.
-    tensor_tag = tmp_path / "run-torchrun" / "checkpoints" / "step_0000020"
+    tensor_tag = tmp_path / "run-torchrun-1" / "checkpoints" / "step_0000020"
     assert (tensor_tag / "mp_rank_00_model_states.pt").is_file() and (
         tensor_tag / "mp_rank_01_model_states.pt"
     ).is_file()
-    pipeline_tag = tmp_path / "run-deepspeed" / "checkpoints" / "step_0000020"
+    pipeline_tag = tmp_path / "run-deepspeed-1" / "checkpoints" / "step_0000020"
     assert len(list(pipeline_tag.glob("layer_*-model_00-model_states.pt"))) == 6  # embeddings, 4 blocks, heads
 
 
-def test_smoke_refuses_an_unknown_launcher(tmp_path):
+def test_smoke_refuses_an_unknown_launcher_before_making_anything(tmp_path):
     done = subprocess.run(
-        ["bash", str(RECIPES / "smoke.sh"), "--out", str(tmp_path), "--launcher", "mpirun"],
+        ["bash", str(RECIPES / "smoke.sh"), "--out", str(tmp_path / "out"), "--launcher", "mpirun"],
         env=clean_env(),
         capture_output=True,
         text=True,
     )
     assert done.returncode == 2 and "--launcher must be torchrun or deepspeed, got mpirun" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
-def test_xl_script_builds_the_deepspeed_command_with_hostfile_and_overrides(tmp_path):
+def test_xl_script_from_a_shell_runs_the_deepspeed_launcher_on_itself_with_hostfile_and_options(tmp_path):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("node1 slots=8\nnode2 slots=8\n")
-    args = ["--hostfile", str(hosts), "--gpus", "8", "--resume", "--dry-run", "train.lr=1e-4"]
-    done = subprocess.run(["bash", str(RECIPES / "igpt_xl.sh"), *args], capture_output=True, text=True, check=True)
+    args = ["--hostfile", str(hosts), "--gpus", "8", "--resume", "--dry-run", "--config", "my.yaml", "train.lr=1e-4"]
+    done = subprocess.run(["bash", str(XL), *args], capture_output=True, text=True, check=True)
     assert shlex.split(done.stdout) == [
-        "deepspeed", "--hostfile", str(hosts), "--num_gpus", "8", "--no_local_rank", "--module", "megapixel.cli",
-        "train", str(RECIPES / "igpt_xl.yaml"), "--resume", "train.lr=1e-4",
+        "deepspeed", "--hostfile", str(hosts), "--num_gpus", "8", str(XL), "--resume", "--config", "my.yaml",
+        "train.lr=1e-4",
     ]  # fmt: skip
-    missing = subprocess.run(["bash", str(RECIPES / "igpt_xl.sh"), "--hostfile", str(tmp_path / "no")], text=True,
-                             capture_output=True)  # fmt: skip
+    missing = subprocess.run(["bash", str(XL), "--hostfile", str(tmp_path / "no")], text=True, capture_output=True)
     assert missing.returncode == 2 and "no hostfile at" in missing.stderr
+
+
+@pytest.mark.parametrize("local_rank", [["--local_rank=3"], ["--local_rank", "3"], []])
+def test_xl_script_on_a_rank_trains_with_the_same_options_and_overrides(local_rank):
+    args = [*local_rank, "--resume", "--dry-run", "train.lr=1e-4", "--config", "my.yaml", "parallel.tensor=2"]
+    done = subprocess.run([sys.executable, str(XL), *args], capture_output=True, text=True, check=True)
+    assert shlex.split(done.stdout) == [
+        "megapixel",
+        "train",
+        "my.yaml",
+        "--resume",
+        "train.lr=1e-4",
+        "parallel.tensor=2",
+    ]
+    default = subprocess.run([sys.executable, str(XL), "--dry-run"], capture_output=True, text=True, check=True)
+    assert shlex.split(default.stdout) == ["megapixel", "train", str(RECIPES / "igpt_xl.yaml")]
+
+
+def test_xl_script_on_a_rank_refuses_the_launchers_options_in_one_line():
+    done = subprocess.run([sys.executable, str(XL), "--gpus", "8"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == "igpt_xl.sh: --gpus belongs to the deepspeed launcher's line (--num_gpus, --hostfile)\n"
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_the_xl_script_with_python_on_two_ranks(tmp_path):
+    # What `deepspeed --num_gpus 2 recipes/igpt_xl.sh ...` does: python -u recipes/igpt_xl.sh --local_rank=N ...
+    done = subprocess.run(
+        ["deepspeed", "--num_gpus", "2", "recipes/igpt_xl.sh", "--dry-run", "--resume", "train.lr=1e-4"],
+        env=clean_env(OMP_NUM_THREADS="1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = f"megapixel train {RECIPES / 'igpt_xl.yaml'} --resume train.lr=1e-4"
+    assert done.stdout.splitlines().count(line) == 2, done.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_xl_script_trains_a_small_config_on_two_cpu_processes_through_the_deepspeed_launcher(digits_shards, tmp_path):
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_px": 8, "n_vocab": 16},
+                "data": {"shards": str(digits_shards), "shuffle_buffer": 100},
+                "train": {"steps": 4, "batch_size": 16, "warmup_steps": 1, "log_every": 1, "eval_every": 4,
+                          "eval_batches": 1, "save_every": 4, "progress": False},
+            }
+        )
+    )  # fmt: skip
+    run = tmp_path / "run"
+    done = subprocess.run(
+        ["bash", str(XL), "--gpus", "2", "--config", str(config), f"train.run_dir={run}", "train.lr=1e-3"],
+        env=clean_env(OMP_NUM_THREADS="1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trained 4 steps: run in {run}\n" in done.stdout
+    records = [r for r in read_metrics(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[0]["lr"] == pytest.approx(1e-3)
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000004"
 
 
 @pytest.fixture

@@ -20,9 +20,11 @@ downsampling through the palette (decode, average f x f blocks, re-encode to the
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +32,29 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megapixel.data.palette import PaletteDownsampler, load_palette
-from megapixel.data.shards.format import SPLITS, crops_of, open_shard, read_manifest
+from megapixel.data.palette import PaletteDownsampler
+from megapixel.data.shards.format import SPLITS, crops_of, file_sha256, open_shard, open_shard_set, read_shard
+from megapixel.data.shards.remote import read_remote
 from megapixel.errors import CheckpointError, DataError
+
+# Shards a reader prepares beyond those its next batch needs (in the order the epoch first uses them).
+PREPARED_AHEAD = 2
 
 
 @dataclass(frozen=True)
 class StreamPlan:
     """Everything a worker needs to produce one rank's batches of a split (picklable for workers)."""
 
-    shard_paths: tuple[str, ...]
+    shard_files: tuple[str, ...]  # paths, or URLs / pipe: commands (remote)
     shard_counts: tuple[int, ...]
+    shard_sha256: tuple[str | None, ...]  # the manifest's checksums (None: a set written without them)
+    remote: bool  # shards fetched whole through webdataset.gopen (else memory-mapped files)
     version: int
     n_px: int  # stored resolution
     n_vocab: int
     crops: int  # token rows stored per image (the training crops of a multi-crop set), one used per epoch
     out_px: int  # resolution handed out (n_px, or a divisor of it: downsampled)
-    palette_path: str
+    palette: np.ndarray = field(compare=False)
     batch_size: int
     rank: int
     world_size: int
@@ -79,41 +87,120 @@ def epoch_order(plan: StreamPlan, epoch: int) -> np.ndarray:
     return order
 
 
-class _Reader:
-    """Reads samples by number across a split's shards (opened lazily, memory-mapped) in one process."""
+@dataclass(frozen=True)
+class _Epoch:
+    """One epoch's order, and where in it each shard is first and last used (`samples` and -1: never)."""
 
-    def __init__(self, plan: StreamPlan) -> None:
+    order: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+
+class _Reader:
+    """Reads samples by number across a split's shards in one process.
+
+    It holds only the shards around its position: a shard is opened (local: memory-mapped; remote: fetched whole
+    into memory) when a batch first needs it, or just before, by a background thread that prepares the next shards
+    of the epoch while batches are built (remote downloads and checksums overlap the stream), and let go once the
+    stream is past its last sample of the epoch. A shard is checked against the manifest before the reader uses it:
+    its image count and token range always, its sha256 at every fetch of a remote shard and, for a local file, once
+    in a run by the one reader whose share it is (`share`: (index, count) among all ranks' data-loader workers;
+    shard s is reader s % count's), so the run reads each file once more in all, not once more per reader.
+    """
+
+    def __init__(self, plan: StreamPlan, end: int | None = None, share: tuple[int, int] = (0, 1)) -> None:
         self.plan = plan
+        self.end = end  # the position the stream stops at (None: endless), so nothing past it is prepared
+        self.share = share
         self.ends = np.cumsum(plan.shard_counts)
-        self.shards: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
-        self.orders: dict[int, np.ndarray] = {}
+        self.epochs: dict[int, _Epoch] = {}
+        self.shards: dict[int, Future] = {}
+        self.checked: set[int] = set()  # local shards already checked (touched by the preparing thread only)
+        self.preparer = ThreadPoolExecutor(1, thread_name_prefix="megapixel-shards")
         self.downsampler: PaletteDownsampler | None = None
         n = plan.n_px
         self.flip_index = np.arange(n * n).reshape(n, n)[:, ::-1].reshape(-1)
 
+    def close(self) -> None:
+        """Stop preparing shards (one being read finishes in the background) and let go of every shard."""
+        self.preparer.shutdown(wait=False, cancel_futures=True)
+        self.shards.clear()
+
     def _shard(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
         if number not in self.shards:
-            plan = self.plan
-            tokens, labels = open_shard(plan.shard_paths[number], plan.n_px, plan.version, plan.crops)
-            if len(tokens) != plan.shard_counts[number] * plan.crops:
-                raise DataError(
-                    f"{self.plan.shard_paths[number]} holds {len(tokens) // plan.crops} images, the manifest says "
-                    f"{self.plan.shard_counts[number]}: the shard is damaged; copy it again or remake the set"
-                )
-            # One pass over a memory-mapped shard (~2 MB at 32x32): a corrupt token would otherwise
-            # surface as an index error deep inside the model's embedding.
-            if len(tokens) and int(tokens.max()) >= plan.n_vocab:
-                raise DataError(
-                    f"{plan.shard_paths[number]} holds token {int(tokens.max())}, outside the "
-                    f"{plan.n_vocab}-colour palette: the shard is corrupt; copy it again or remake the set"
-                )
-            self.shards[number] = (tokens, labels)
-        return self.shards[number]
+            self.shards[number] = self.preparer.submit(self._open, number)
+        return self.shards[number].result()
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self.orders:
-            self.orders = {epoch: epoch_order(self.plan, epoch), **{e: o for e, o in self.orders.items() if e > epoch}}
-        return self.orders[epoch]
+    def _open(self, number: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A shard's tokens and labels, checked against the manifest."""
+        plan = self.plan
+        where = plan.shard_files[number]
+        source = read_remote(where) if plan.remote else Path(where)
+        if isinstance(source, bytes):
+            tokens, labels = read_shard(source, where, plan.n_px, plan.version, plan.crops)
+        else:
+            tokens, labels = open_shard(source, plan.n_px, plan.version, plan.crops)
+        if len(tokens) != plan.shard_counts[number] * plan.crops:
+            raise DataError(
+                f"{where} holds {len(tokens) // plan.crops} images, the manifest says {plan.shard_counts[number]}: "
+                "the shard is damaged; copy it again or remake the set"
+            )
+        if number in self.checked:
+            return tokens, labels
+        # A corrupt token would otherwise surface as an index error deep inside the model's embedding.
+        if len(tokens) and int(tokens.max()) >= plan.n_vocab:
+            raise DataError(
+                f"{where} holds token {int(tokens.max())}, outside the {plan.n_vocab}-colour palette: the shard is "
+                "corrupt; copy it again or remake the set"
+            )
+        # Damage that keeps every token valid (a flipped bit) shows only in the checksum.
+        expected = plan.shard_sha256[number]
+        index, count = self.share
+        if expected is not None and (plan.remote or number % count == index):
+            digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else file_sha256(source)
+            if digest != expected:
+                raise DataError(
+                    f"{where} differs from its manifest (sha256 {digest[:16]}..., listed as {expected[:16]}...): it "
+                    "was changed or damaged after it was written; copy it again or remake the set"
+                )
+        if not plan.remote:
+            self.checked.add(number)
+        return tokens, labels
+
+    def _epoch(self, epoch: int) -> _Epoch:
+        if epoch not in self.epochs:
+            order = epoch_order(self.plan, epoch)
+            shard_of = np.searchsorted(self.ends, order, side="right")
+            first = np.full(len(self.ends), len(order))
+            last = np.full(len(self.ends), -1)
+            used, at = np.unique(shard_of, return_index=True)
+            first[used] = at
+            used, at = np.unique(shard_of[::-1], return_index=True)
+            last[used] = len(order) - 1 - at
+            # Positions only move forward: earlier epochs are not asked for again.
+            self.epochs = {epoch: _Epoch(order, first, last), **{e: v for e, v in self.epochs.items() if e > epoch}}
+        return self.epochs[epoch]
+
+    def prepare(self, start: int, stop: int) -> None:
+        """Let go of the shards that positions [start, stop) (the next batch) and later ones no longer need and
+        start preparing those that batch needs, then the next ones of the epoch."""
+        samples = self.plan.samples
+        stop = stop if self.end is None else min(stop, self.end)
+        wanted: list[int] = []
+        for epoch in range(start // samples, (stop - 1) // samples + 1) if stop > start else ():
+            spans = self._epoch(epoch)
+            low, high = max(start - epoch * samples, 0), min(stop - epoch * samples, samples)
+            wanted += np.flatnonzero((spans.first < high) & (spans.last >= low)).tolist()
+        if stop > start and (self.end is None or stop < self.end):
+            epoch = stop // samples
+            spans = self._epoch(epoch)
+            later = np.flatnonzero(spans.first >= stop - epoch * samples)
+            wanted += later[np.argsort(spans.first[later], kind="stable")][:PREPARED_AHEAD].tolist()
+        for number in [n for n in self.shards if n not in wanted]:
+            self.shards.pop(number).cancel()
+        for number in wanted:
+            if number not in self.shards:
+                self.shards[number] = self.preparer.submit(self._open, number)
 
     def batch(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """The samples at global positions [start, stop)."""
@@ -123,7 +210,7 @@ class _Reader:
         numbers = np.empty(len(positions), dtype=np.int64)
         for epoch in np.unique(epochs):
             at = epochs == epoch
-            numbers[at] = self._order(int(epoch))[positions[at] - epoch * plan.samples]
+            numbers[at] = self._epoch(int(epoch)).order[positions[at] - epoch * plan.samples]
         shard_of = np.searchsorted(self.ends, numbers, side="right")
         rows = numbers - (self.ends[shard_of] - np.asarray(plan.shard_counts)[shard_of])
         crop_rows = rows * plan.crops
@@ -148,8 +235,7 @@ class _Reader:
     def _downsample(self, tokens: np.ndarray) -> np.ndarray:
         if self.downsampler is None:
             # Made once per worker: it remembers the nearest colour of every average it has seen.
-            palette = load_palette(self.plan.palette_path)
-            self.downsampler = PaletteDownsampler(palette, self.plan.n_px // self.plan.out_px)
+            self.downsampler = PaletteDownsampler(self.plan.palette, self.plan.n_px // self.plan.out_px)
         return self.downsampler(tokens)
 
 
@@ -178,22 +264,30 @@ class TokenStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan
-        reader = _Reader(plan)
-        j = worker
-        while True:
+        reader = _Reader(plan, self.end, share=(plan.rank * workers + worker, plan.world_size * workers))
+
+        def bounds(j: int) -> tuple[int, int]:
             first = self.start + (j * plan.world_size + plan.rank) * plan.batch_size
-            stop = first + plan.batch_size if self.end is None else min(first + plan.batch_size, self.end)
-            if stop <= first:
-                return
-            try:
-                batch = reader.batch(first, stop)
-            except DataError as err:
-                # Handed to the loader as data: raised in a data-loader worker, torch would re-raise it
-                # wrapped in the worker's traceback, not as the one-line message it is.
-                yield j, {"error": str(err)}
-                return
-            yield j, batch
-            j += workers
+            return first, first + plan.batch_size if self.end is None else min(first + plan.batch_size, self.end)
+
+        try:
+            j = worker
+            while True:
+                first, stop = bounds(j)
+                if stop <= first:
+                    return
+                try:
+                    batch = reader.batch(first, stop)
+                    reader.prepare(*bounds(j + workers))
+                except DataError as err:
+                    # Handed to the loader as data: raised in a data-loader worker, torch would re-raise it
+                    # wrapped in the worker's traceback, not as the one-line message it is.
+                    yield j, {"error": str(err)}
+                    return
+                yield j, batch
+                j += workers
+        finally:
+            reader.close()
 
 
 class Loader:
@@ -335,7 +429,8 @@ def make_loader(
         raise DataError(f"rank {rank} of {world_size} ranks: need 0 <= rank < world size")
     if num_workers < 0:
         raise DataError(f"{num_workers} data-loader workers: must be 0 or more")
-    manifest = read_manifest(shard_dir)
+    shard_set = open_shard_set(shard_dir)
+    manifest = shard_set.manifest
     stored = manifest["n_px"]
     if n_px is not None:
         check_resolution(shard_dir, stored, n_px, downsample)
@@ -343,14 +438,16 @@ def make_loader(
     if not shards or manifest["splits"][split]["count"] == 0:
         raise DataError(f"{shard_dir} has no {split} samples: remake the shard set with some (val_fraction > 0)")
     plan = StreamPlan(
-        shard_paths=tuple(str(Path(shard_dir) / s["name"]) for s in shards),
+        shard_files=tuple(shard_set.shard_files(split)),
         shard_counts=tuple(s["count"] for s in shards),
+        shard_sha256=tuple(s.get("sha256") for s in shards),
+        remote=shard_set.location.remote,
         version=manifest["version"],
         n_px=stored,
         n_vocab=manifest["n_vocab"],
         crops=crops_of(manifest, split),
         out_px=n_px or stored,
-        palette_path=str(Path(shard_dir) / "palette.npy"),
+        palette=shard_set.palette,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,

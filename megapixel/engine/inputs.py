@@ -4,13 +4,12 @@ share of it (every tensor and pipeline rank of a replica reads the same images).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from megapixel.config import Config
 from megapixel.data.shards.format import read_manifest
 from megapixel.data.stream import make_loader
-from megapixel.errors import ConfigError, DataError
+from megapixel.errors import ConfigError
 from megapixel.parallel import ParallelGroups
 
 
@@ -18,9 +17,10 @@ def check_shards(cfg: Config) -> dict[str, Any]:
     """The manifest of cfg.data.shards, after checking that the model fits the shards."""
 
     if not cfg.data.shards:
-        raise ConfigError("data.shards is not set: point it at a shard set folder (manifest.json, palette.npy, *.tar)")
-    if not Path(cfg.data.shards).is_dir():
-        raise DataError(f"data.shards: no shard set at {cfg.data.shards} (no such folder)")
+        raise ConfigError(
+            "data.shards is not set: point it at a shard set (a folder of manifest.json, palette.npy and *.tar, or "
+            "its URL)"
+        )
     manifest = read_manifest(cfg.data.shards)
     m = cfg.model
     if manifest["n_vocab"] != m.n_vocab:

@@ -7,18 +7,19 @@ config.yaml, palette.npy (so sampling needs no shards), metrics.jsonl, tb/ and c
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from megapixel.atomic import replacing, write_atomic
+from megapixel.atomic import write_atomic
 from megapixel.checkpoint.files import remove_unfinished
 from megapixel.checkpoint.resume import restore, resume_tag
 from megapixel.checkpoint.save import save_checkpoint
 from megapixel.config import Config, to_yaml
+from megapixel.data.palette import save_palette
+from megapixel.data.shards.format import open_shard_set
 from megapixel.engine.build import build_engine, check_layout, deepspeed_config
 from megapixel.engine.inputs import check_shards, replica_loader
 from megapixel.engine.metrics import MetricsLog
@@ -36,8 +37,7 @@ def _write_run_files(cfg: Config) -> None:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-    with replacing(run_dir / "palette.npy") as tmp:
-        shutil.copyfile(Path(cfg.data.shards) / "palette.npy", tmp)
+    save_palette(run_dir / "palette.npy", open_shard_set(cfg.data.shards).palette)
 
 
 def _train_step(engine: Any, batches: Any, state: RankState, info: DistInfo, use_labels: bool, pipelined: bool) -> bool:

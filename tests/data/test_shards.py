@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,3 +411,25 @@ def test_the_shards_command_skips_truncated_and_unreadable_images_and_prints_the
     manifest = read_manifest(tmp_path / "s")
     assert sorted(path for path, _ in manifest["skipped"]) == sorted([str(truncated), str(garbage)])
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 3
+
+
+def documented_webdataset_reader() -> str:
+    """The Python block of docs/data.md's section on reading shards with plain webdataset."""
+    section = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text().split(WEBDATASET_SECTION)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+WEBDATASET_SECTION = "## A shard as a webdataset sample"
+
+
+def test_the_documented_plain_webdataset_reader_gives_each_shards_tokens_labels_and_keys(digits_shards):
+    namespace: dict = {}
+    exec(documented_webdataset_reader(), namespace)
+    read = list(namespace["read_shards"](f"{digits_shards}/train-{{000000..000003}}.tar", 8))
+    shards = read_manifest(digits_shards)["splits"]["train"]["shards"]
+    assert len(read) == len(shards) == 4
+    for (tokens, labels, keys), shard in zip(read, shards, strict=True):
+        expected_tokens, expected_labels = open_shard(digits_shards / shard["name"], 8)
+        assert tokens.dtype == np.uint16 and tokens.shape == (shard["count"], 64)
+        assert np.array_equal(tokens, expected_tokens) and np.array_equal(labels, expected_labels)
+        assert keys == json.loads(read_tar(digits_shards / shard["name"])["samples.keys"])

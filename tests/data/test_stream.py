@@ -10,7 +10,7 @@ import torch
 from megapixel.data.palette import decode_tokens, encode_pixels, load_palette
 from megapixel.data.shards.format import open_shard
 from megapixel.data.sources import open_source
-from megapixel.data.stream import make_loader
+from megapixel.data.stream import PREPARED_AHEAD, _Reader, make_loader
 from megapixel.data.writer import write_shards
 from megapixel.errors import CheckpointError, DataError
 
@@ -255,3 +255,17 @@ def test_an_empty_split_is_refused(tmp_path):
     write_shards(open_source(str(tmp_path / "x.npy")), tmp_path / "s", 2, k=4, val_fraction=0, progress=False)
     with pytest.raises(DataError, match="no val samples"):
         make_loader(str(tmp_path / "s"), "val", 2, infinite=False)
+
+
+def test_a_reader_holds_only_the_shards_around_its_position(shards):
+    # Six shards of six and a shuffle window of six: a batch of four needs at most two shards.
+    plan = make_loader(shards, "train", 4, shuffle_buffer=6).plan
+    reader = _Reader(plan)
+    held, opened = [], set()
+    for start in range(0, 3 * plan.samples, 4):  # three epochs
+        reader.batch(start, start + 4)
+        opened |= set(reader.shards)
+        reader.prepare(start + 4, start + 8)
+        held.append(len(reader.shards))
+    reader.close()
+    assert opened == set(range(6)) and max(held) <= 2 + PREPARED_AHEAD < 6

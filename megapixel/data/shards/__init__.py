@@ -1,2 +1,2 @@
-"""Shard sets on disk: `format` writes and reads them, `verify` checks a whole set (megapixel/data/writer.py makes
-them from image sources)."""
+"""Shard sets: `format` writes and reads them, `remote` finds and fetches a set kept at a URL or behind a command,
+`verify` checks a whole set (megapixel/data/writer.py makes them from image sources)."""
